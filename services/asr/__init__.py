@@ -1,0 +1,1 @@
+"""Speech recognition on faster-whisper: whole clips and live streams."""

@@ -1,0 +1,3 @@
+from services.asr.server import main
+
+main()

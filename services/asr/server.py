@@ -1,0 +1,308 @@
+"""AsrService: translates between talker.v1 messages and the Whisper engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from grpc import aio
+
+from services.asr.config import AsrSettings
+from services.asr.engine import SAMPLE_RATE_HZ, Transcript, WhisperEngine
+from services.asr.streaming import (
+    EndOfUtterance,
+    Result,
+    SilenceTimeout,
+    SpeechStarted,
+    StreamingRecognizer,
+    StreamOptions,
+    StreamOutput,
+)
+from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
+from services.common.errors import InvalidInput, LimitExceeded
+from services.common.runtime import GrpcProgram, run_program
+from services.common.work_queue import WorkQueue
+from talker.v1 import asr_pb2, asr_pb2_grpc
+
+log = logging.getLogger("talker.asr")
+
+MAX_BEAM_SIZE = 10
+MAX_PROMPT_CHARS = 1000
+
+
+class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
+    def __init__(self, engine: WhisperEngine, settings: AsrSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.clips = WorkQueue("asr_clips", settings.decode_workers, settings.max_waiting_clips)
+        self.live_streams = 0
+
+    # ---- Recognize ------------------------------------------------------------
+    async def Recognize(
+        self, request: asr_pb2.RecognizeRequest, context: aio.ServicerContext
+    ) -> asr_pb2.RecognizeResponse:
+        config = request.config
+        language = self.engine.check_language(config.language)
+        self._check_common(config)
+        audio_format = request.format
+        audio, rate = decode_clip(
+            request.audio, audio_format.encoding, audio_format.sample_rate_hz, audio_format.channels
+        )
+        duration_s = len(audio) / rate
+        if duration_s > self.settings.max_clip_s:
+            raise LimitExceeded(
+                f"The clip is {duration_s:.0f} s long; Recognize takes at most "
+                f"{self.settings.max_clip_s:.0f} s. Use StreamingRecognize for longer audio."
+            )
+        audio16 = resample(audio, rate, SAMPLE_RATE_HZ)
+        async with self.clips.slot():
+            transcript = await asyncio.to_thread(
+                self.engine.transcribe_clip,
+                audio16,
+                language,
+                config.initial_prompt,
+                config.beam_size,
+                config.word_timestamps,
+            )
+        return transcript_message(transcript)
+
+    def _check_common(self, config: asr_pb2.RecognitionConfig) -> None:
+        if config.beam_size > MAX_BEAM_SIZE:
+            raise InvalidInput(f"beam_size is {config.beam_size}; it must be 0 (default) to 10.")
+        if len(config.initial_prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInput(
+                f"initial_prompt has {len(config.initial_prompt)} characters; "
+                f"at most {MAX_PROMPT_CHARS} are used."
+            )
+
+    # ---- StreamingRecognize ---------------------------------------------------
+    async def StreamingRecognize(
+        self,
+        request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
+        context: aio.ServicerContext,
+    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+        if self.live_streams >= self.settings.max_streams:
+            raise LimitExceeded(
+                f"ASR is already serving {self.live_streams} live streams, its limit; "
+                "try again shortly."
+            )
+        self.live_streams += 1
+        incoming: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+        reader = asyncio.create_task(_pump(request_iterator, incoming))
+        try:
+            first = await incoming.get()
+            if first is _END:
+                raise InvalidInput("The stream ended before its first message (the config).")
+            if isinstance(first, BaseException):
+                raise first
+            if first.WhichOneof("request") != "config":
+                raise InvalidInput(
+                    "The first message of a stream must carry `config`; it carried "
+                    f"{first.WhichOneof('request') or 'nothing'}."
+                )
+            stream_config = first.config
+            layout, options = self._stream_options(stream_config)
+            recognizer = StreamingRecognizer(self.engine, options)
+            resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
+            max_samples = int(self.settings.max_stream_s * layout.sample_rate_hz)
+            received = 0
+            chunk_index = 0
+            wall_timeout = options.silence_timeout_s
+            while not recognizer.done:
+                try:
+                    message = await asyncio.wait_for(incoming.get(), timeout=wall_timeout)
+                except TimeoutError:
+                    # Nothing at all arrived: a device that stopped sending is a silent one.
+                    outputs: list[StreamOutput] = [SilenceTimeout(recognizer.audio_ms)]
+                    recognizer.done = True
+                else:
+                    if message is _END:
+                        tail = resampler.process(np.zeros(0, np.float32), last=True)
+                        outputs = await asyncio.to_thread(_accept_then_finish, recognizer, tail)
+                    elif isinstance(message, BaseException):
+                        raise message
+                    else:
+                        chunk_index += 1
+                        which = message.WhichOneof("request")
+                        if which != "audio":
+                            raise InvalidInput(
+                                f"Message {chunk_index} of the stream carried "
+                                f"{which or 'nothing'}; only the first message may carry "
+                                "config, every later one carries audio."
+                            )
+                        samples = decode_pcm(message.audio, layout, f"audio chunk {chunk_index}")
+                        received += len(samples)
+                        if received > max_samples:
+                            outputs = await asyncio.to_thread(recognizer.finish)
+                            for response in stream_messages(outputs):
+                                yield response
+                            raise LimitExceeded(
+                                f"The stream reached its limit of {self.settings.max_stream_s:.0f}"
+                                " s of audio; the utterance in progress was finalised. Open a "
+                                "new stream to continue."
+                            )
+                        audio16 = resampler.process(samples)
+                        outputs = await asyncio.to_thread(recognizer.accept, audio16)
+                for response in stream_messages(outputs):
+                    yield response
+        finally:
+            self.live_streams -= 1
+            reader.cancel()
+
+    def _stream_options(self, config: asr_pb2.StreamingRecognitionConfig) -> tuple[Any, StreamOptions]:
+        settings = self.settings
+        recognition = config.config
+        language = self.engine.check_language(recognition.language)
+        self._check_common(recognition)
+        layout = raw_layout(
+            config.format.encoding, config.format.sample_rate_hz, config.format.channels
+        )
+        if config.interim_interval_ms and config.interim_interval_ms < 200:
+            raise InvalidInput(
+                f"interim_interval_ms is {config.interim_interval_ms}; it must be 0 (default) "
+                "or at least 200."
+            )
+        if config.end_of_utterance_silence_ms and not (
+            100 <= config.end_of_utterance_silence_ms <= 5000
+        ):
+            raise InvalidInput(
+                f"end_of_utterance_silence_ms is {config.end_of_utterance_silence_ms}; it must be "
+                "0 (default) or between 100 and 5000."
+            )
+        if config.silence_timeout_s > 3600:
+            raise InvalidInput(
+                f"silence_timeout_s is {config.silence_timeout_s}; it must be at most 3600."
+            )
+        options = StreamOptions(
+            language=language,
+            initial_prompt=recognition.initial_prompt,
+            beam_size=recognition.beam_size or settings.stream_beam_size,
+            interim_results=config.interim_results,
+            interim_interval_ms=config.interim_interval_ms or settings.interim_interval_ms,
+            end_of_utterance_silence_ms=config.end_of_utterance_silence_ms
+            or settings.end_of_utterance_silence_ms,
+            silence_timeout_s=float(config.silence_timeout_s or settings.silence_timeout_s),
+            single_utterance=config.single_utterance,
+            vad_threshold=settings.vad_threshold,
+            max_utterance_s=settings.max_utterance_s,
+        )
+        return layout, options
+
+
+_END = object()
+
+
+async def _pump(request_iterator: AsyncIterator[Any], incoming: asyncio.Queue[Any]) -> None:
+    """Reads the client's messages into a queue, so the handler can wait on it
+    with a timeout (cancelling a gRPC read mid-way is not safe)."""
+    try:
+        async for message in request_iterator:
+            await incoming.put(message)
+        await incoming.put(_END)
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        await incoming.put(error)
+
+
+def _accept_then_finish(recognizer: StreamingRecognizer, tail: np.ndarray) -> list[StreamOutput]:
+    return [*recognizer.accept(tail), *recognizer.finish()]
+
+
+def transcript_message(transcript: Transcript) -> asr_pb2.RecognizeResponse:
+    return asr_pb2.RecognizeResponse(
+        text=transcript.text,
+        language=transcript.language,
+        language_probability=transcript.language_probability,
+        segments=[
+            asr_pb2.Segment(
+                text=s.text,
+                start_ms=round(s.start_s * 1000),
+                end_ms=round(s.end_s * 1000),
+                avg_logprob=s.avg_logprob,
+                no_speech_probability=s.no_speech_probability,
+                words=[
+                    asr_pb2.Word(
+                        text=w.text,
+                        start_ms=round(w.start_s * 1000),
+                        end_ms=round(w.end_s * 1000),
+                        probability=w.probability,
+                    )
+                    for w in s.words
+                ],
+            )
+            for s in transcript.segments
+        ],
+        audio_duration_ms=round(transcript.audio_duration_s * 1000),
+        speech_duration_ms=round(transcript.speech_duration_s * 1000),
+    )
+
+
+_EVENT_TYPES = {
+    SpeechStarted: asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED,
+    EndOfUtterance: asr_pb2.SPEECH_EVENT_TYPE_END_OF_UTTERANCE,
+    SilenceTimeout: asr_pb2.SPEECH_EVENT_TYPE_SILENCE_TIMEOUT,
+}
+
+
+def stream_messages(outputs: list[StreamOutput]) -> list[asr_pb2.StreamingRecognizeResponse]:
+    messages = []
+    for output in outputs:
+        if isinstance(output, Result):
+            messages.append(
+                asr_pb2.StreamingRecognizeResponse(
+                    result=asr_pb2.StreamingRecognitionResult(
+                        text=output.text,
+                        is_final=output.is_final,
+                        language=output.language,
+                        start_ms=output.start_ms,
+                        end_ms=output.end_ms,
+                        utterance_index=output.utterance_index,
+                        stability=output.stability,
+                        segments=[
+                            asr_pb2.Segment(
+                                text=output.text,
+                                start_ms=output.start_ms,
+                                end_ms=output.end_ms,
+                                no_speech_probability=output.no_speech_probability,
+                            )
+                        ]
+                        if output.is_final and output.text
+                        else [],
+                    )
+                )
+            )
+        else:
+            messages.append(
+                asr_pb2.StreamingRecognizeResponse(
+                    event=asr_pb2.SpeechEvent(
+                        type=_EVENT_TYPES[type(output)], offset_ms=output.offset_ms
+                    )
+                )
+            )
+    return messages
+
+
+def build_program(settings: AsrSettings) -> GrpcProgram:
+    engine = WhisperEngine(settings)
+    servicer = AsrServicer(engine, settings)
+    return GrpcProgram(
+        settings,
+        [asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name],
+        lambda server: asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server),
+        engine.load,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    settings = AsrSettings.load(sys.argv[1:] if argv is None else argv)
+    run_program(settings, build_program)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Live recognition of one stream: VAD-gated utterances, interim and final
+results, end-of-utterance and silence-timeout events. Plain Python; the
+servicer feeds it 16 kHz float audio and forwards what it returns.
+
+Latency design: the moment the VAD first hears silence after speech, the
+utterance is decoded *speculatively*. If the silence lasts until the
+end-of-utterance threshold and no speech came in between, that result is the
+final one and is sent at once; otherwise it is dropped (and, when interim
+results are on, shown as an interim). So the final arrives
+max(end-of-utterance silence, VAD lag + decode time) after speech ends,
+instead of their sum.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Histogram
+
+from services.asr.engine import SAMPLE_RATE_HZ, UtteranceText, VadStream, WhisperEngine
+from services.common.metrics import LATENCY_BUCKETS
+
+WINDOW = VadStream.WINDOW
+WINDOW_MS = WINDOW * 1000 // SAMPLE_RATE_HZ  # 32 ms
+PREROLL_MS = 320  # audio kept before speech onset, so the first phoneme is not cut
+TAIL_MS = 200  # silence kept after speech for the decoder
+MIN_SPEECH_MS = 96  # a shorter blip (a click, a cough) does not start an utterance
+SPECULATE_AFTER_MS = 64
+NO_SPEECH_DROP = 0.8  # Whisper's no-speech probability above which a result is empty
+
+ENDPOINT_TO_FINAL_SECONDS = Histogram(
+    "talker_asr_endpoint_to_final_seconds",
+    "From the end-of-utterance decision to the final result being ready.",
+    buckets=LATENCY_BUCKETS,
+)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    language: str | None
+    initial_prompt: str
+    beam_size: int
+    interim_results: bool
+    interim_interval_ms: int
+    end_of_utterance_silence_ms: int
+    silence_timeout_s: float
+    single_utterance: bool
+    vad_threshold: float
+    max_utterance_s: float
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    offset_ms: int
+
+
+@dataclass(frozen=True)
+class EndOfUtterance:
+    offset_ms: int
+
+
+@dataclass(frozen=True)
+class SilenceTimeout:
+    offset_ms: int
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    is_final: bool
+    language: str
+    start_ms: int
+    end_ms: int
+    utterance_index: int
+    stability: float
+    no_speech_probability: float = 0.0
+
+
+StreamOutput = SpeechStarted | EndOfUtterance | SilenceTimeout | Result
+
+
+@dataclass
+class _Utterance:
+    start_sample: int  # first sample of the audio kept (pre-roll included)
+    onset_sample: int  # where the VAD heard speech begin; reported as start_ms
+    audio: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    last_speech_end: int = 0  # absolute sample index just past the last speech window
+    speech_since_interim_ms: int = 0
+    silence_ms: int = 0
+    speculative: tuple[int, UtteranceText] | None = None  # (last_speech_end it covered, text)
+    last_interim: str = ""
+
+    def append(self, window: np.ndarray) -> None:
+        self.audio.append(window)
+        self.samples += len(window)
+
+    def joined(self, end_sample: int | None = None) -> np.ndarray:
+        audio = np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+        if end_sample is not None:
+            audio = audio[: max(0, end_sample - self.start_sample)]
+        return audio
+
+
+class StreamingRecognizer:
+    """State of one live stream. `accept` and `finish` block while decoding;
+    call them from a worker thread."""
+
+    def __init__(self, engine: WhisperEngine, options: StreamOptions) -> None:
+        assert engine.vad_session is not None
+        self.engine = engine
+        self.options = options
+        self._vad = VadStream(engine.vad_session)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._samples_seen = 0
+        self._preroll: deque[np.ndarray] = deque(maxlen=PREROLL_MS // WINDOW_MS)
+        self._speech_run: list[np.ndarray] = []
+        self._utterance: _Utterance | None = None
+        self._idle_ms = 0
+        self._utterance_index = 0
+        self._finals: list[str] = []
+        self.done = False
+
+    @property
+    def audio_ms(self) -> int:
+        return self._samples_seen * 1000 // SAMPLE_RATE_HZ
+
+    def accept(self, audio: np.ndarray) -> list[StreamOutput]:
+        """Feed 16 kHz mono float samples; returns what happened, in order."""
+        outputs: list[StreamOutput] = []
+        if self.done:
+            return outputs
+        buffered = np.concatenate([self._pending, audio]) if len(self._pending) else audio
+        whole = len(buffered) // WINDOW * WINDOW
+        self._pending = buffered[whole:].copy()
+        for start in range(0, whole, WINDOW):
+            self._step(buffered[start : start + WINDOW], outputs)
+            if self.done:
+                break
+        return outputs
+
+    def finish(self) -> list[StreamOutput]:
+        """The client stopped sending: the utterance in progress becomes final."""
+        outputs: list[StreamOutput] = []
+        if self.done:
+            return outputs
+        if self._utterance is not None:
+            self._utterance.last_speech_end = self._samples_seen
+            outputs.append(EndOfUtterance(self.audio_ms))
+            outputs.append(self._final())
+        self.done = True
+        return outputs
+
+    # ---- per window -----------------------------------------------------------
+    def _step(self, window: np.ndarray, outputs: list[StreamOutput]) -> None:
+        probability = self._vad.speech_probability(window)
+        self._samples_seen += len(window)
+        if self._utterance is None:
+            self._idle_step(window, probability, outputs)
+        else:
+            self._speech_step(window, probability, outputs)
+
+    def _idle_step(self, window: np.ndarray, probability: float, outputs: list[StreamOutput]) -> None:
+        if probability >= self.options.vad_threshold:
+            self._speech_run.append(window)
+            if len(self._speech_run) * WINDOW_MS >= MIN_SPEECH_MS:
+                audio = [*self._preroll, *self._speech_run]
+                start = self._samples_seen - sum(len(a) for a in audio)
+                onset = self._samples_seen - len(self._speech_run) * WINDOW
+                self._utterance = _Utterance(start_sample=start, onset_sample=onset)
+                for piece in audio:
+                    self._utterance.append(piece)
+                self._utterance.last_speech_end = self._samples_seen
+                self._utterance.speech_since_interim_ms = len(self._speech_run) * WINDOW_MS
+                self._preroll.clear()
+                self._speech_run = []
+                self._idle_ms = 0
+                outputs.append(SpeechStarted(onset * 1000 // SAMPLE_RATE_HZ))
+            return
+        for earlier in self._speech_run:
+            self._preroll.append(earlier)
+        self._speech_run = []
+        self._preroll.append(window)
+        self._idle_ms += WINDOW_MS
+        if self._idle_ms >= self.options.silence_timeout_s * 1000:
+            outputs.append(SilenceTimeout(self.audio_ms))
+            self.done = True
+
+    def _speech_step(self, window: np.ndarray, probability: float, outputs: list[StreamOutput]) -> None:
+        utterance = self._utterance
+        assert utterance is not None
+        utterance.append(window)
+        options = self.options
+        # Hysteresis as in Silero's own segmenter: speech continues down to threshold - 0.15.
+        if probability >= options.vad_threshold - 0.15:
+            utterance.silence_ms = 0
+            utterance.last_speech_end = self._samples_seen
+            utterance.speech_since_interim_ms += WINDOW_MS
+            if (
+                options.interim_results
+                and utterance.speech_since_interim_ms >= options.interim_interval_ms
+            ):
+                utterance.speech_since_interim_ms = 0
+                self._interim(utterance, utterance.joined(), "interim", outputs)
+        else:
+            utterance.silence_ms += WINDOW_MS
+            if utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS:
+                text = self._decode(utterance.joined(), "speculative")
+                utterance.speculative = (utterance.last_speech_end, text)
+                if options.interim_results:
+                    self._emit_interim(utterance, text, outputs)
+            if utterance.silence_ms >= options.end_of_utterance_silence_ms:
+                decided = time.perf_counter()
+                outputs.append(EndOfUtterance(self.audio_ms))
+                outputs.append(self._final())
+                ENDPOINT_TO_FINAL_SECONDS.observe(time.perf_counter() - decided)
+                return
+        if utterance.samples >= options.max_utterance_s * SAMPLE_RATE_HZ:
+            # Whisper sees 30 s at most: finalise here and carry straight on.
+            utterance.last_speech_end = self._samples_seen
+            outputs.append(self._final())
+            if not self.done:
+                self._utterance = _Utterance(
+                    start_sample=self._samples_seen,
+                    onset_sample=self._samples_seen,
+                    last_speech_end=self._samples_seen,
+                )
+
+    # ---- results ------------------------------------------------------------
+    def _prompt(self) -> str:
+        context = " ".join([self.options.initial_prompt, *self._finals[-3:]]).strip()
+        return context[-600:]
+
+    def _decode(self, audio: np.ndarray, kind: str) -> UtteranceText:
+        return self.engine.transcribe_utterance(
+            audio, self.options.language, self._prompt(), self.options.beam_size, kind=kind
+        )
+
+    def _interim(
+        self, utterance: _Utterance, audio: np.ndarray, kind: str, outputs: list[StreamOutput]
+    ) -> None:
+        self._emit_interim(utterance, self._decode(audio, kind), outputs)
+
+    def _emit_interim(
+        self, utterance: _Utterance, decoded: UtteranceText, outputs: list[StreamOutput]
+    ) -> None:
+        text = clean_text(decoded)
+        if not text or text == utterance.last_interim:
+            return
+        stability = prefix_agreement(utterance.last_interim, text)
+        utterance.last_interim = text
+        outputs.append(
+            Result(
+                text=text,
+                is_final=False,
+                language=decoded.language,
+                start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
+                end_ms=self.audio_ms,
+                utterance_index=self._utterance_index,
+                stability=stability,
+                no_speech_probability=decoded.no_speech_probability,
+            )
+        )
+
+    def _final(self) -> Result:
+        utterance = self._utterance
+        assert utterance is not None
+        speculative = utterance.speculative
+        if speculative is not None and speculative[0] == utterance.last_speech_end:
+            decoded = speculative[1]
+        else:
+            end = min(
+                utterance.start_sample + utterance.samples,
+                utterance.last_speech_end + TAIL_MS * SAMPLE_RATE_HZ // 1000,
+            )
+            decoded = self._decode(utterance.joined(end), "final")
+        text = clean_text(decoded)
+        result = Result(
+            text=text,
+            is_final=True,
+            language=decoded.language,
+            start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
+            end_ms=utterance.last_speech_end * 1000 // SAMPLE_RATE_HZ,
+            utterance_index=self._utterance_index,
+            stability=1.0,
+            no_speech_probability=decoded.no_speech_probability,
+        )
+        if text:
+            self._finals.append(text)
+        self._utterance_index += 1
+        self._utterance = None
+        self._idle_ms = 0
+        if self.options.single_utterance:
+            self.done = True
+        return result
+
+
+def clean_text(decoded: UtteranceText) -> str:
+    """The text, or empty when Whisper itself judged the audio not to be speech."""
+    if decoded.no_speech_probability > NO_SPEECH_DROP and decoded.avg_logprob < -1.0:
+        return ""
+    return decoded.text
+
+
+def prefix_agreement(previous: str, current: str) -> float:
+    """Share of the current interim's words already present, in order, in the
+    previous interim: a cheap stability estimate."""
+    old, new = previous.split(), current.split()
+    if not new:
+        return 0.0
+    same = 0
+    for a, b in zip(old, new, strict=False):
+        if a != b:
+            break
+        same += 1
+    return round(same / len(new), 3)

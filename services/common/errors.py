@@ -1,0 +1,48 @@
+"""Errors engines raise, each carrying a sentence a person understands.
+
+Engines never import grpc; the runtime's interceptor maps these to status
+codes in one place (`STATUS_OF`)."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TalkerError(Exception):
+    """Base class: the message is shown to the caller as the status details."""
+
+
+class InvalidInput(TalkerError):
+    """The request itself is wrong (INVALID_ARGUMENT)."""
+
+
+class NotFound(TalkerError):
+    """An id names nothing that exists (NOT_FOUND)."""
+
+
+class LimitExceeded(TalkerError):
+    """A size, time or queue limit was reached (RESOURCE_EXHAUSTED)."""
+
+
+class PreconditionFailed(TalkerError):
+    """The request is valid but the system cannot serve it as configured (FAILED_PRECONDITION)."""
+
+
+class StageUnavailable(TalkerError):
+    """A model or a downstream stage is not available right now (UNAVAILABLE)."""
+
+
+STATUS_OF: dict[type[TalkerError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    StageUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code_for(error: TalkerError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,19 @@
+"""The programs supervisord runs, and where each one's settings live. The
+readiness wait and (later) the watchdog find every program's port here."""
+
+from __future__ import annotations
+
+import importlib
+
+from services.common.settings import ServiceSettings
+
+# program name (as in supervisor/supervisord.conf) -> "module:SettingsClass"
+PROGRAMS: dict[str, str] = {
+    "asr": "services.asr.config:AsrSettings",
+}
+
+
+def program_settings(name: str) -> ServiceSettings:
+    module_name, _, class_name = PROGRAMS[name].partition(":")
+    settings_class = getattr(importlib.import_module(module_name), class_name)
+    return settings_class()  # type: ignore[no-any-return]

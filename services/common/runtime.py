@@ -1,0 +1,160 @@
+"""Bootstrap of a talker gRPC program: server, health, reflection, the
+observing interceptor, /metrics, model loading behind NOT_SERVING, and a
+graceful stop on SIGTERM. Each service's `server.py` supplies only its
+servicer and its model loader."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import metrics
+from services.common.interceptors import ObservingInterceptor
+from services.common.logs import configure_logging
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger("talker.runtime")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def channel_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Message bounds and keepalive shared by servers and the channels that call them."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Clients may ping every 10 s to keep long device streams open through NATs.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class GrpcProgram:
+    """One gRPC server with its model. `load` runs in a thread after the
+    server is up, so health answers NOT_SERVING while the model loads."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        service_names: Sequence[str],
+        add_servicers: Callable[[aio.Server], None],
+        load: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.service_names = list(service_names)
+        self._add_servicers = add_servicers
+        self._load = load
+        self._ready = False
+        self._load_task: asyncio.Task[None] | None = None
+        self.health = health.aio.HealthServicer()
+        self.server: aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING / NOT_SERVING for the program and each of its services."""
+        status = SERVING if serving else NOT_SERVING
+        self._ready = serving
+        metrics.READY.set(1 if serving else 0)
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind, start serving health at once, and begin loading the model."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        # Engines run in threads (to_thread); the default pool of cpu+4 is too
+        # small for many live streams that each hand every chunk to a thread.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + 8))
+        self.server = aio.server(
+            interceptors=[ObservingInterceptor(settings.program, lambda: self._ready)],
+            options=channel_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self._add_servicers(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        await self.set_serving(False)
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await self.server.start()
+        self.metrics_port = metrics.start_metrics_endpoint(settings.host, settings.metrics_port)
+        log.info(
+            "listening",
+            extra={"address": f"{settings.host}:{self.port}", "services": self.service_names},
+        )
+        self._load_task = asyncio.create_task(self._load_model())
+        return self.port
+
+    async def _load_model(self) -> None:
+        started = loop_time()
+        await asyncio.to_thread(self._load)
+        await self.set_serving(True)
+        log.info("serving", extra={"load_s": round(loop_time() - started, 3)})
+
+    async def wait_ready(self) -> None:
+        """Returns once the model is loaded; raises what the loader raised."""
+        assert self._load_task is not None, "start() first"
+        await self._load_task
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, give in-flight ones the grace period, then cancel them."""
+        if self.server is None:
+            return
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self._ready = False
+        metrics.READY.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        await self.server.stop(grace)
+        log.info("stopped", extra={"grace_s": grace})
+
+    async def run_until_terminated(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully. Exits 1 if the model cannot load."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        assert self._load_task is not None
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait({self._load_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if self._load_task.done() and self._load_task.exception() is not None:
+            error = self._load_task.exception()
+            log.critical("model failed to load; exiting", exc_info=error)
+            await self.stop(0)
+            sys.exit(1)
+        await stop_wait
+        log.info("termination requested; draining")
+        await self.stop()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def run_program(
+    settings: ServiceSettings,
+    build: Callable[[ServiceSettings], GrpcProgram],
+) -> None:
+    """Entry point of `python -m services.<name>`: logging, then serve until terminated."""
+    configure_logging(settings.program, settings.log_level)
+    program = build(settings)
+    asyncio.run(program.run_until_terminated())

@@ -1,0 +1,80 @@
+"""Settings every program shares. Each program subclasses `ServiceSettings`
+with its own env prefix (`TALKER_ASR_`, `TALKER_CHAT_`, ...), so
+`TALKER_ASR_PORT=6000` moves the ASR port and nothing else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
+
+
+def default_var_dir() -> Path:
+    """Where runtime state (logs, caches, sockets) lives: `TALKER_VAR_DIR`, else ./var."""
+    return Path(os.environ.get("TALKER_VAR_DIR", "var")).resolve()
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one gRPC program. Subclasses set `model_config.env_prefix`."""
+
+    model_config = SettingsConfigDict(env_prefix="TALKER_", extra="ignore")
+
+    #: Program name used in logs, metrics and health; subclasses override.
+    program: ClassVar[str] = "service"
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the gRPC server binds to. Loopback by default: only the "
+        "gateway is meant to face clients.",
+    )
+    port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (same host). 0 turns it off.",
+    )
+    grace_period_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, seconds in-flight calls get to finish before they are cancelled.",
+    )
+    max_message_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest gRPC message accepted or sent, in bytes.",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=64,
+        ge=1,
+        description="Calls served at once; gRPC answers RESOURCE_EXHAUSTED past it.",
+    )
+    log_level: str = Field(default="INFO", description="Python logging level name.")
+    var_dir: Path = Field(
+        default_factory=default_var_dir,
+        description="Folder for runtime state: caches, logs, sockets.",
+    )
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(
+            os.environ.get("TALKER_CACHE_DIR") or default_var_dir() / "cache"
+        ).resolve(),
+        description="Folder for derived model files that are slow to build and safe to "
+        "delete (TALKER_CACHE_DIR is shared by all programs).",
+    )
+
+    @classmethod
+    def load(cls, argv: list[str] | None = None) -> Self:
+        """Settings from the environment, overridden by command-line flags
+        (`--port 6000 --log-level DEBUG`) when `argv` is given."""
+        if argv is None:
+            return cls()
+        source: CliSettingsSource[Any] = CliSettingsSource(
+            cls, cli_parse_args=argv, cli_prog_name=f"python -m services.{cls.program}",
+            cli_kebab_case=True, cli_implicit_flags=True,
+        )
+        return cls(_cli_settings_source=source(args=argv))  # type: ignore[call-arg]

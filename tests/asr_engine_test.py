@@ -1,0 +1,123 @@
+"""Engine ring: Whisper and the streaming recognizer called directly, real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.asr.streaming import (
+    EndOfUtterance,
+    Result,
+    SilenceTimeout,
+    SpeechStarted,
+    StreamingRecognizer,
+    StreamOptions,
+)
+from services.common.errors import InvalidInput
+from tests.speech import SENTENCES, VOICES, silence, word_error_rate
+
+
+def stream_options(**overrides: object) -> StreamOptions:
+    values: dict[str, object] = dict(
+        language="en",
+        initial_prompt="",
+        beam_size=1,
+        interim_results=True,
+        interim_interval_ms=500,
+        end_of_utterance_silence_ms=500,
+        silence_timeout_s=5.0,
+        single_utterance=False,
+        vad_threshold=0.5,
+        max_utterance_s=28.0,
+    )
+    values.update(overrides)
+    return StreamOptions(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("voice", sorted(VOICES))
+def test_whole_clips_transcribed_within_15_percent_wer(asr_engine, voice: str) -> None:
+    hypotheses = []
+    for sentence in SENTENCES:
+        transcript = asr_engine.transcribe_clip(VOICES[voice](sentence), language=None)
+        assert transcript.language == "en"
+        hypotheses.append(transcript.text)
+    wer = word_error_rate(SENTENCES, hypotheses)
+    print(f"{voice}: WER {wer:.3f}", *zip(SENTENCES, hypotheses, strict=True), sep="\n")
+    assert wer <= 0.15
+
+
+@pytest.mark.parametrize("voice", sorted(VOICES))
+def test_utterance_fast_path_within_15_percent_wer(asr_engine, voice: str) -> None:
+    hypotheses = [
+        asr_engine.transcribe_utterance(VOICES[voice](s), "en", "").text for s in SENTENCES
+    ]
+    assert word_error_rate(SENTENCES, hypotheses) <= 0.15
+
+
+def feed_in_chunks(recognizer: StreamingRecognizer, audio: np.ndarray, chunk_ms: int = 20) -> list:
+    step = 16 * chunk_ms
+    outputs = []
+    for start in range(0, len(audio), step):
+        outputs.extend(recognizer.accept(audio[start : start + step]))
+    return outputs
+
+
+def test_stream_gives_interims_end_of_utterance_and_finals(asr_engine) -> None:
+    first, second = SENTENCES[0], SENTENCES[3]
+    audio = np.concatenate(
+        [silence(0.5), VOICES["piper"](first), silence(1.0), VOICES["piper"](second), silence(1.0)]
+    )
+    recognizer = StreamingRecognizer(asr_engine, stream_options())
+    outputs = feed_in_chunks(recognizer, audio)
+    kinds = [type(o).__name__ for o in outputs]
+    finals = [o for o in outputs if isinstance(o, Result) and o.is_final]
+    interims = [o for o in outputs if isinstance(o, Result) and not o.is_final]
+    assert [f.utterance_index for f in finals] == [0, 1], kinds
+    assert word_error_rate([first, second], [f.text for f in finals]) <= 0.15
+    assert interims, "interim results were asked for"
+    assert sum(isinstance(o, SpeechStarted) for o in outputs) == 2
+    assert sum(isinstance(o, EndOfUtterance) for o in outputs) == 2
+    # Each end-of-utterance is followed directly by its final result.
+    for index, output in enumerate(outputs):
+        if isinstance(output, EndOfUtterance):
+            assert isinstance(outputs[index + 1], Result) and outputs[index + 1].is_final
+    # Times are in stream audio and ordered.
+    assert 400 <= finals[0].start_ms < finals[0].end_ms < finals[1].start_ms
+
+
+def test_previous_final_text_becomes_the_next_prompt(asr_engine) -> None:
+    recognizer = StreamingRecognizer(asr_engine, stream_options(interim_results=False))
+    audio = np.concatenate([VOICES["piper"](SENTENCES[1]), silence(1.0)])
+    feed_in_chunks(recognizer, audio)
+    assert "paris" in recognizer._prompt().lower()
+
+
+def test_silence_timeout_ends_a_stream_nobody_speaks_into(asr_engine) -> None:
+    recognizer = StreamingRecognizer(asr_engine, stream_options(silence_timeout_s=2.0))
+    outputs = feed_in_chunks(recognizer, silence(3.0))
+    assert len(outputs) == 1 and isinstance(outputs[0], SilenceTimeout)
+    assert 1900 <= outputs[0].offset_ms <= 2100
+    assert recognizer.done
+
+
+def test_noise_alone_does_not_start_speech(asr_engine) -> None:
+    rng = np.random.default_rng(7)
+    noise = (rng.standard_normal(16000 * 3) * 0.003).astype(np.float32)
+    recognizer = StreamingRecognizer(asr_engine, stream_options(silence_timeout_s=60))
+    assert feed_in_chunks(recognizer, noise) == []
+
+
+def test_finish_flushes_speech_in_progress(asr_engine) -> None:
+    recognizer = StreamingRecognizer(asr_engine, stream_options(interim_results=False))
+    outputs = feed_in_chunks(recognizer, VOICES["espeak"](SENTENCES[4]))
+    outputs += recognizer.finish()
+    finals = [o for o in outputs if isinstance(o, Result) and o.is_final]
+    assert len(finals) == 1
+    assert word_error_rate([SENTENCES[4]], [finals[0].text]) <= 0.2
+
+
+def test_unknown_language_is_refused(asr_engine) -> None:
+    with pytest.raises(InvalidInput, match="Unknown language"):
+        asr_engine.check_language("klingon")
+    assert asr_engine.check_language("auto") is None
+    assert asr_engine.check_language("ZH") == "zh"

