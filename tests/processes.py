@@ -1,0 +1,76 @@
+"""Real processes for system tests: free ports and a private supervisord."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from services.common.health_probe import probe
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+SUPERVISOR_CONF = REPO / "supervisor" / "supervisord.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Supervisor:
+    """supervisord with the project's own config, on private ports and a private var dir."""
+
+    def __init__(self, var_dir: Path, env: dict[str, str]) -> None:
+        self.var_dir = var_dir
+        self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        (self.var_dir / "log").mkdir(parents=True, exist_ok=True)
+        (self.var_dir / "run").mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "supervisord"), "-n", "-c", str(SUPERVISOR_CONF)],
+            env=self.env,
+            cwd=REPO,
+        )
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "supervisorctl"), "-c", str(SUPERVISOR_CONF), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def log(self, program: str) -> str:
+        return (self.var_dir / "log" / f"{program}.log").read_text(errors="replace")
+
+    def wait_status(self, address: str, wanted: str = "SERVING", timeout_s: float = 120) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if probe(address, timeout_s=1) == wanted:
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise AssertionError(f"{address} not {wanted} after {timeout_s} s")
+
+    def wait_running(self, program: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "RUNNING" not in self.ctl("status", program).stdout:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{program} not RUNNING: {self.ctl('status').stdout}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.ctl("shutdown")
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
