@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from talker.v1 import asr_pb2, audio_pb2
 
 from tests.processes import free_port
 from tests.speech import SENTENCES, VOICES, silence, to_s16le, to_wav, word_error_rate
-from talker.v1 import asr_pb2, audio_pb2
 
 S16 = audio_pb2.AUDIO_ENCODING_PCM_S16LE
 F32 = audio_pb2.AUDIO_ENCODING_PCM_F32LE
@@ -76,14 +76,22 @@ def test_trace_id_is_echoed_in_response_headers(asr_stub) -> None:
 def test_stream_of_20ms_chunks_gives_interims_end_of_utterance_and_final(asr_stub) -> None:
     sentences = [SENTENCES[2], SENTENCES[5]]
     audio = np.concatenate(
-        [silence(0.3), VOICES["piper"](sentences[0]), silence(1.2), VOICES["espeak"](sentences[1]), silence(1.2)]
+        [
+            silence(0.3),
+            VOICES["piper"](sentences[0]),
+            silence(1.2),
+            VOICES["espeak"](sentences[1]),
+            silence(1.2),
+        ]
     )
     config = asr_pb2.StreamingRecognitionConfig(
         format=audio_pb2.AudioFormat(encoding=S16, sample_rate_hz=16_000),
         config=asr_pb2.RecognitionConfig(language="en"),
         interim_results=True,
     )
-    responses = list(asr_stub.StreamingRecognize(stream_requests(to_s16le(audio), config, 640), timeout=120))
+    responses = list(
+        asr_stub.StreamingRecognize(stream_requests(to_s16le(audio), config, 640), timeout=120)
+    )
     events = [r.event.type for r in responses if r.WhichOneof("response") == "event"]
     results = [r.result for r in responses if r.WhichOneof("response") == "result"]
     finals = [r for r in results if r.is_final]
@@ -101,7 +109,9 @@ def test_stream_at_48k_is_resampled_and_half_close_flushes(asr_stub) -> None:
         format=audio_pb2.AudioFormat(encoding=S16, sample_rate_hz=48_000),
         config=asr_pb2.RecognitionConfig(language="auto"),
     )
-    responses = list(asr_stub.StreamingRecognize(stream_requests(to_s16le(audio), config, 3_000), timeout=60))
+    responses = list(
+        asr_stub.StreamingRecognize(stream_requests(to_s16le(audio), config, 3_000), timeout=60)
+    )
     finals = [r.result for r in responses if r.result.is_final]
     assert len(finals) == 1 and finals[0].language == "en"
     assert word_error_rate([sentence], [finals[0].text]) <= 0.15
@@ -135,7 +145,6 @@ def test_stream_that_sends_nothing_times_out_in_wall_time(asr_stub) -> None:
 # ---- bad input: each gets its sentence, and the service keeps serving ---------------
 
 
-
 def stream_error(asr_stub, requests: list[asr_pb2.StreamingRecognizeRequest]) -> grpc.RpcError:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as raised:
         list(asr_stub.StreamingRecognize(iter(requests), timeout=30))
@@ -147,16 +156,40 @@ S16_CONFIG = asr_pb2.StreamingRecognitionConfig(
 )
 BAD_CLIPS = {
     "unknown encoding": (dict(encoding=9, rate=16_000), b"\0\0" * 100, "encoding"),
-    "unspecified encoding": (dict(encoding=0, rate=16_000), b"\0\0" * 100, "AUDIO_ENCODING_UNSPECIFIED"),
+    "unspecified encoding": (
+        dict(encoding=0, rate=16_000),
+        b"\0\0" * 100,
+        "AUDIO_ENCODING_UNSPECIFIED",
+    ),
     "rate 0": (dict(encoding=S16, rate=0), b"\0\0" * 100, "sample_rate_hz is 0"),
-    "absurd rate": (dict(encoding=S16, rate=10_000_000), b"\0\0" * 100, "sample_rate_hz is 10000000"),
+    "absurd rate": (
+        dict(encoding=S16, rate=10_000_000),
+        b"\0\0" * 100,
+        "sample_rate_hz is 10000000",
+    ),
     "odd byte count": (dict(encoding=S16, rate=16_000), b"\0" * 301, "301 bytes"),
     "empty audio": (dict(encoding=S16, rate=16_000), b"", "empty"),
-    "not audio": (dict(encoding=WAV), b"<html>this is not a wav file</html>" * 20, "could not be read"),
+    "not audio": (
+        dict(encoding=WAV),
+        b"<html>this is not a wav file</html>" * 20,
+        "could not be read",
+    ),
     "NaN floats": (dict(encoding=F32, rate=16_000), np.full(1600, np.nan, "<f4").tobytes(), "NaN"),
-    "inf floats": (dict(encoding=F32, rate=16_000), np.full(1600, np.inf, "<f4").tobytes(), "NaN or infinite"),
-    "int as float": (dict(encoding=F32, rate=16_000), np.full(1600, 3000.0, "<f4").tobytes(), "[-1, 1]"),
-    "too many channels": (dict(encoding=S16, rate=16_000, channels=64), b"\0\0" * 64, "channels is 64"),
+    "inf floats": (
+        dict(encoding=F32, rate=16_000),
+        np.full(1600, np.inf, "<f4").tobytes(),
+        "NaN or infinite",
+    ),
+    "int as float": (
+        dict(encoding=F32, rate=16_000),
+        np.full(1600, 3000.0, "<f4").tobytes(),
+        "[-1, 1]",
+    ),
+    "too many channels": (
+        dict(encoding=S16, rate=16_000, channels=64),
+        b"\0\0" * 64,
+        "channels is 64",
+    ),
 }
 
 
@@ -262,9 +295,10 @@ def assert_still_serving(asr_stub) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_metrics_endpoint_counts_calls_by_code(start_in_process) -> None:
+    from talker.v1 import asr_pb2_grpc
+
     from services.asr.config import AsrSettings
     from services.asr.server import build_program
-    from talker.v1 import asr_pb2_grpc
 
     server = start_in_process(build_program, AsrSettings(port=0, metrics_port=free_port()))
     with grpc.insecure_channel(server.address) as channel:
@@ -282,4 +316,3 @@ def test_metrics_endpoint_counts_calls_by_code(start_in_process) -> None:
     assert "process_resident_memory_bytes" in text
     assert "process_cpu_seconds_total" in text
     assert "talker_ready 1.0" in text
-

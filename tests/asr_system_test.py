@@ -71,8 +71,12 @@ def test_grpcurl_lists_and_describes_through_reflection(system) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
     }
     described = grpcurl(address, "describe", "talker.v1.AsrService")
-    assert "rpc StreamingRecognize ( stream .talker.v1.StreamingRecognizeRequest )" in described.stdout
-    health = grpcurl("-d", '{"service": "talker.v1.AsrService"}', address, "grpc.health.v1.Health/Check")
+    assert (
+        "rpc StreamingRecognize ( stream .talker.v1.StreamingRecognizeRequest )" in described.stdout
+    )
+    health = grpcurl(
+        "-d", '{"service": "talker.v1.AsrService"}', address, "grpc.health.v1.Health/Check"
+    )
     assert json.loads(health.stdout)["status"] == "SERVING"
 
 
@@ -87,20 +91,32 @@ def test_grpcurl_recognize_with_trace_id_reaches_the_log(system) -> None:
         }
     )
     result = grpcurl(
-        "-v", "-H", "x-trace-id: grpcurl-trace-42", "-d", "@", address,
-        "talker.v1.AsrService/Recognize", stdin=body,
+        "-v",
+        "-H",
+        "x-trace-id: grpcurl-trace-42",
+        "-d",
+        "@",
+        address,
+        "talker.v1.AsrService/Recognize",
+        stdin=body,
     )
     assert result.returncode == 0, result.stderr
     assert "x-trace-id: grpcurl-trace-42" in result.stdout
     payload = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
     assert word_error_rate([sentence], [payload["text"]]) <= 0.15
-    traced = [json.loads(line) for line in supervisor.log("asr").splitlines() if "grpcurl-trace-42" in line]
+    traced = [
+        json.loads(line)
+        for line in supervisor.log("asr").splitlines()
+        if "grpcurl-trace-42" in line
+    ]
     assert traced and all(entry["trace_id"] == "grpcurl-trace-42" for entry in traced)
 
 
 def test_bad_input_through_grpcurl_gets_a_sentence(system) -> None:
     _, address = system
-    body = json.dumps({"format": {"encoding": "AUDIO_ENCODING_PCM_S16LE", "sample_rate_hz": 0}, "audio": "AAAA"})
+    body = json.dumps(
+        {"format": {"encoding": "AUDIO_ENCODING_PCM_S16LE", "sample_rate_hz": 0}, "audio": "AAAA"}
+    )
     result = grpcurl("-d", "@", address, "talker.v1.AsrService/Recognize", stdin=body)
     assert result.returncode != 0
     assert "InvalidArgument" in result.stderr and "sample_rate_hz is 0" in result.stderr

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,41 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # keyed by content); everything else a test writes goes to its tmp_path.
 os.environ.setdefault("TALKER_CACHE_DIR", str(Path(__file__).resolve().parent.parent / "var/cache"))
 
-from services.common.runtime import GrpcProgram  # noqa: E402
-from services.common.settings import ServiceSettings  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-class InProcessServer:
-    """A real gRPC program on a free port, its event loop on a background thread."""
-
-    def __init__(self, program: GrpcProgram) -> None:
-        self.program = program
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def _run(self, coro, timeout: float = 300):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> int:
-        port = self._run(self.program.start())
-        self._run(self.program.wait_ready())
-        return port
-
-    def stop(self, grace_s: float = 0) -> None:
-        self._run(self.program.stop(grace_s))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.program.port}"
+from services.common.runtime import GrpcProgram
+from services.common.settings import ServiceSettings
+from tests.processes import InProcessServer
 
 
 @pytest.fixture(scope="session")
-def start_in_process() -> Iterator[Callable[[Callable[..., GrpcProgram], ServiceSettings], InProcessServer]]:
+def start_in_process() -> Iterator[
+    Callable[[Callable[..., GrpcProgram], ServiceSettings], InProcessServer]
+]:
     servers: list[InProcessServer] = []
 
     def start(build: Callable[..., GrpcProgram], settings: ServiceSettings) -> InProcessServer:

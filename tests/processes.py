@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from services.common.health_probe import probe
+from services.common.runtime import GrpcProgram
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -74,3 +77,30 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class InProcessServer:
+    """A real gRPC program on a free port, its event loop on a background thread."""
+
+    def __init__(self, program: GrpcProgram) -> None:
+        self.program = program
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def _run(self, coro, timeout: float = 300):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> int:
+        port = self._run(self.program.start())
+        self._run(self.program.wait_ready())
+        return port
+
+    def stop(self, grace_s: float = 0) -> None:
+        self._run(self.program.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.program.port}"

@@ -74,9 +74,7 @@ def normalise(text: str) -> str:
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     """Corpus WER: all word errors over all reference words."""
-    return float(
-        jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses])
-    )
+    return float(jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses]))
 
 
 def speech_end_s(audio: np.ndarray, rate_hz: int = 16_000, floor: float = 0.01) -> float:

@@ -36,8 +36,9 @@ class AsrSettings(ServiceSettings):
         description="Decodes run at once. On a 2-core host more only slows each one down.",
     )
     max_waiting_clips: int = Field(
-        default=16, ge=0, description="Recognize calls that may wait for a decoder; more get "
-        "RESOURCE_EXHAUSTED."
+        default=16,
+        ge=0,
+        description="Recognize calls that may wait for a decoder; more get RESOURCE_EXHAUSTED.",
     )
     max_streams: int = Field(default=32, ge=1, description="Live streams served at once.")
     clip_beam_size: int = Field(default=5, ge=1, le=10, description="Beam size for Recognize.")

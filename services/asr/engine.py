@@ -175,7 +175,7 @@ class WhisperEngine:
         t = np.arange(SAMPLE_RATE_HZ, dtype=np.float32) / SAMPLE_RATE_HZ
         tone = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         self.transcribe_utterance(tone, "en", "", kind="warmup")
-        VadStream(self.vad_session).speech_probability(tone[:512])  # type: ignore[arg-type]
+        VadStream(self.vad_session).speech_probability(tone[:512])
 
     @property
     def is_multilingual(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from grpc import aio
+from talker.v1 import asr_pb2, asr_pb2_grpc
 
 from services.asr.config import AsrSettings
 from services.asr.engine import SAMPLE_RATE_HZ, Transcript, WhisperEngine
@@ -25,7 +26,6 @@ from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_
 from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
-from talker.v1 import asr_pb2, asr_pb2_grpc
 
 log = logging.getLogger("talker.asr")
 
@@ -152,7 +152,9 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             self.live_streams -= 1
             reader.cancel()
 
-    def _stream_options(self, config: asr_pb2.StreamingRecognitionConfig) -> tuple[Any, StreamOptions]:
+    def _stream_options(
+        self, config: asr_pb2.StreamingRecognitionConfig
+    ) -> tuple[Any, StreamOptions]:
         settings = self.settings
         recognition = config.config
         language = self.engine.check_language(recognition.language)
@@ -294,6 +296,7 @@ def build_program(settings: AsrSettings) -> GrpcProgram:
         [asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name],
         lambda server: asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server),
         engine.load,
+        engine,
     )
 
 

@@ -163,7 +163,9 @@ class StreamingRecognizer:
         else:
             self._speech_step(window, probability, outputs)
 
-    def _idle_step(self, window: np.ndarray, probability: float, outputs: list[StreamOutput]) -> None:
+    def _idle_step(
+        self, window: np.ndarray, probability: float, outputs: list[StreamOutput]
+    ) -> None:
         if probability >= self.options.vad_threshold:
             self._speech_run.append(window)
             if len(self._speech_run) * WINDOW_MS >= MIN_SPEECH_MS:
@@ -189,7 +191,9 @@ class StreamingRecognizer:
             outputs.append(SilenceTimeout(self.audio_ms))
             self.done = True
 
-    def _speech_step(self, window: np.ndarray, probability: float, outputs: list[StreamOutput]) -> None:
+    def _speech_step(
+        self, window: np.ndarray, probability: float, outputs: list[StreamOutput]
+    ) -> None:
         utterance = self._utterance
         assert utterance is not None
         utterance.append(window)

@@ -44,5 +44,5 @@ STATUS_OF: dict[type[TalkerError], grpc.StatusCode] = {
 def status_code_for(error: TalkerError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.UNKNOWN

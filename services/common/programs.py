@@ -16,4 +16,4 @@ PROGRAMS: dict[str, str] = {
 def program_settings(name: str) -> ServiceSettings:
     module_name, _, class_name = PROGRAMS[name].partition(":")
     settings_class = getattr(importlib.import_module(module_name), class_name)
-    return settings_class()  # type: ignore[no-any-return]
+    return settings_class()

@@ -50,8 +50,11 @@ class GrpcProgram:
         service_names: Sequence[str],
         add_servicers: Callable[[aio.Server], None],
         load: Callable[[], None],
+        engine: object = None,
     ) -> None:
         self.settings = settings
+        #: The model object behind the servicer, for benchmarks and tests to compare against.
+        self.engine = engine
         self.service_names = list(service_names)
         self._add_servicers = add_servicers
         self._load = load

@@ -74,7 +74,10 @@ class ServiceSettings(BaseSettings):
         if argv is None:
             return cls()
         source: CliSettingsSource[Any] = CliSettingsSource(
-            cls, cli_parse_args=argv, cli_prog_name=f"python -m services.{cls.program}",
-            cli_kebab_case=True, cli_implicit_flags=True,
+            cls,
+            cli_parse_args=argv,
+            cli_prog_name=f"python -m services.{cls.program}",
+            cli_kebab_case=True,
+            cli_implicit_flags=True,
         )
         return cls(_cli_settings_source=source(args=argv))  # type: ignore[call-arg]
