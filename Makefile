@@ -63,7 +63,7 @@ setup: $(STAMP) proto
 # ---- running ----------------------------------------------------------------
 run: setup
 	@mkdir -p $(TALKER_VAR_DIR)/log $(TALKER_VAR_DIR)/run
-	@if $(SUPERVISORCTL) status >/dev/null 2>&1 || [ $$? -ne 4 ]; then \
+	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 	  echo "supervisord is running: updating programs"; $(SUPERVISORCTL) update; $(SUPERVISORCTL) start talker:*; \
 	else \
 	  $(VENV)/bin/supervisord -c $(SUPERVISOR_CONF); \

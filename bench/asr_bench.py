@@ -5,21 +5,18 @@ of speech to the final result, with audio sent in 20 ms chunks at real-time pace
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import grpc
+import numpy as np
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.tables import percentile, print_table  # noqa: E402
-from services.asr.config import AsrSettings  # noqa: E402
-from services.asr.server import build_program  # noqa: E402
-from talker.v1 import asr_pb2, asr_pb2_grpc, audio_pb2  # noqa: E402
-from tests.processes import InProcessServer  # noqa: E402
-from tests.speech import SENTENCES, VOICES, silence, speech_end_s, to_s16le, word_error_rate  # noqa: E402
+from bench.tables import percentile, print_table
+from services.asr.config import AsrSettings
+from services.asr.server import build_program
+from talker.v1 import asr_pb2, asr_pb2_grpc, audio_pb2
+from tests.processes import InProcessServer
+from tests.speech import SENTENCES, VOICES, silence, speech_end_s, to_s16le, word_error_rate
 
 RATE = 16_000
 CHUNK_S = 0.02

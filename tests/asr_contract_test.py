@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from talker.v1 import asr_pb2, audio_pb2
 
+from talker.v1 import asr_pb2, audio_pb2
 from tests.processes import free_port
 from tests.speech import SENTENCES, VOICES, silence, to_s16le, to_wav, word_error_rate
 
@@ -295,10 +295,9 @@ def assert_still_serving(asr_stub) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_metrics_endpoint_counts_calls_by_code(start_in_process) -> None:
-    from talker.v1 import asr_pb2_grpc
-
     from services.asr.config import AsrSettings
     from services.asr.server import build_program
+    from talker.v1 import asr_pb2_grpc
 
     server = start_in_process(build_program, AsrSettings(port=0, metrics_port=free_port()))
     with grpc.insecure_channel(server.address) as channel:

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from grpc import aio
-from talker.v1 import asr_pb2, asr_pb2_grpc
 
 from services.asr.config import AsrSettings
 from services.asr.engine import SAMPLE_RATE_HZ, Transcript, WhisperEngine
@@ -26,6 +25,7 @@ from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_
 from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
+from talker.v1 import asr_pb2, asr_pb2_grpc
 
 log = logging.getLogger("talker.asr")
 

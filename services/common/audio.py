@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile
 import soxr
-from talker.v1 import audio_pb2
 
 from services.common.errors import InvalidInput
+from talker.v1 import audio_pb2
 
 MIN_SAMPLE_RATE_HZ = 4_000
 MAX_SAMPLE_RATE_HZ = 192_000

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 
@@ -71,13 +71,20 @@ class ServiceSettings(BaseSettings):
     def load(cls, argv: list[str] | None = None) -> Self:
         """Settings from the environment, overridden by command-line flags
         (`--port 6000 --log-level DEBUG`) when `argv` is given."""
-        if argv is None:
-            return cls()
-        source: CliSettingsSource[Any] = CliSettingsSource(
-            cls,
-            cli_parse_args=argv,
-            cli_prog_name=f"python -m services.{cls.program}",
-            cli_kebab_case=True,
-            cli_implicit_flags=True,
-        )
-        return cls(_cli_settings_source=source(args=argv))  # type: ignore[call-arg]
+        try:
+            if argv is None:
+                return cls()
+            source: CliSettingsSource[Any] = CliSettingsSource(
+                cls,
+                cli_parse_args=argv,
+                cli_prog_name=f"python -m services.{cls.program}",
+                cli_kebab_case=True,
+                cli_implicit_flags=True,
+            )
+            return cls(_cli_settings_source=source(args=argv))  # type: ignore[call-arg]
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                for e in error.errors()
+            )
+            raise SystemExit(f"{cls.program}: invalid setting: {problems}") from None
