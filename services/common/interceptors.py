@@ -21,7 +21,7 @@ import grpc
 from grpc import aio
 
 from services.common import metrics
-from services.common.errors import TalkerError, status_code_for
+from services.common.errors import InvalidInput, TalkerError, status_code_for
 from services.common.tracing import (
     TRACE_METADATA_KEY,
     accept_trace_id,
@@ -52,29 +52,57 @@ class ObservingInterceptor(aio.ServerInterceptor):
         gated = not method.startswith(ALWAYS_OPEN_PREFIXES)
         quiet = method.startswith(ALWAYS_OPEN_PREFIXES)
         call = _ObservedCall(self, method, gated, quiet)
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                call.wrap_unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
+                call.wrap_unary(handler.unary_unary), parse, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                call.wrap_stream(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
+                call.wrap_stream(handler.unary_stream), parse, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                call.wrap_unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
+                call.wrap_unary(handler.stream_unary), parse, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            call.wrap_stream(handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
+            call.wrap_stream(handler.stream_stream), parse, handler.response_serializer
         )
+
+
+class UndecodableRequest:
+    """Stands in for a message that failed to parse (invalid UTF-8 in a string
+    field, truncated bytes), so the caller gets INVALID_ARGUMENT with the reason
+    instead of grpc's bare INTERNAL "Exception deserializing request"."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(
+            f"The request could not be decoded ({self.reason}); string fields must be "
+            "valid UTF-8 and the message must match the talker.v1 contract."
+        )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf raises DecodeError, or others for bad UTF-8
+            return UndecodableRequest(str(error) or type(error).__name__)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, UndecodableRequest):
+            raise request.error()
+        yield request
 
 
 class _ObservedCall:
@@ -139,7 +167,7 @@ class _ObservedCall:
             cancelled = False
             try:
                 await self._begin(context)
-                return await behavior(request, context)
+                return await behavior(_check_request(request), context)
             except aio.AbortError:
                 raise
             except asyncio.CancelledError:
@@ -158,6 +186,7 @@ class _ObservedCall:
             cancelled = False
             try:
                 await self._begin(context)
+                request = _check_request(request)
                 if inspect.isasyncgenfunction(behavior):
                     async for response in behavior(request, context):
                         yield response
@@ -174,6 +203,15 @@ class _ObservedCall:
                 self._finish(context, started, cancelled)
 
         return observed
+
+
+def _check_request(request: Any) -> Any:
+    """A parsed request, or for client streams an iterator that checks each one."""
+    if isinstance(request, UndecodableRequest):
+        raise request.error()
+    if hasattr(request, "__aiter__"):
+        return _checked(request)
+    return request
 
 
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

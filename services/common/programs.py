@@ -10,6 +10,7 @@ from services.common.settings import ServiceSettings
 # program name (as in supervisor/supervisord.conf) -> "module:SettingsClass"
 PROGRAMS: dict[str, str] = {
     "asr": "services.asr.config:AsrSettings",
+    "chat": "services.chat.config:ChatSettings",
 }
 
 

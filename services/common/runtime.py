@@ -59,6 +59,7 @@ class GrpcProgram:
         self._add_servicers = add_servicers
         self._load = load
         self._ready = False
+        self._overloaded = False
         self._load_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
@@ -74,6 +75,17 @@ class GrpcProgram:
         status = SERVING if serving else NOT_SERVING
         self._ready = serving
         metrics.READY.set(1 if serving else 0)
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def set_overloaded(self, overloaded: bool) -> None:
+        """NOT_SERVING while a work queue is full, so balancers and the watchdog
+        see the pressure; SERVING again when it drains (if the model is loaded)."""
+        self._overloaded = overloaded
+        if not self._ready:  # loading or draining: NOT_SERVING already, and it stays so
+            return
+        status = NOT_SERVING if overloaded else SERVING
+        log.warning("work queue full" if overloaded else "work queue has room again")
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 

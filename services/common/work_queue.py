@@ -4,7 +4,7 @@ most `max_waiting` wait; the next caller is refused at once instead of piling up
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from services.common.errors import LimitExceeded
@@ -18,6 +18,9 @@ class WorkQueue:
         self._slots = asyncio.Semaphore(workers)
         self._waiting = 0
         self._gauge = QUEUE_DEPTH.labels(name)
+        #: Called with True when the queue fills and False when it has room again
+        #: (the runtime reports NOT_SERVING meanwhile).
+        self.on_saturation: Callable[[bool], Awaitable[None]] | None = None
 
     @property
     def waiting(self) -> int:
@@ -35,14 +38,19 @@ class WorkQueue:
                 f"The {self.name} queue is full ({self.max_waiting} requests waiting); "
                 "try again in a moment."
             )
-        self._waiting += 1
-        self._gauge.set(self._waiting)
+        await self._count_waiting(+1)
         try:
             await self._slots.acquire()
         finally:
-            self._waiting -= 1
-            self._gauge.set(self._waiting)
+            await self._count_waiting(-1)
         try:
             yield
         finally:
             self._slots.release()
+
+    async def _count_waiting(self, change: int) -> None:
+        was_full = self.full
+        self._waiting += change
+        self._gauge.set(self._waiting)
+        if self.on_saturation is not None and self.full != was_full:
+            await self.on_saturation(self.full)

@@ -1,0 +1,1 @@
+"""Chat: a local causal LM behind bounded sessions, streaming, and a guard."""

