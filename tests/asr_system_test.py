@@ -8,32 +8,15 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.processes import VENV_BIN, Supervisor, free_port
+from tests.processes import VENV_BIN
 from tests.speech import VOICES, to_wav, word_error_rate
 
 GRPCURL = str(VENV_BIN / "grpcurl")
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Supervisor, str]]:
-    port = free_port()
-    supervisor = Supervisor(
-        tmp_path_factory.mktemp("var"),
-        {"TALKER_ASR_PORT": str(port), "TALKER_ASR_METRICS_PORT": str(free_port())},
-    )
-    supervisor.start()
-    address = f"127.0.0.1:{port}"
-    try:
-        supervisor.wait_status(address)
-        yield supervisor, address
-    finally:
-        supervisor.stop()
 
 
 def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,7 +26,7 @@ def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def test_health_is_serving_through_the_standard_protocol(system) -> None:
-    _, address = system
+    address = system.addresses["asr"]
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "talker.v1.AsrService"):
@@ -55,14 +38,14 @@ def test_health_is_serving_through_the_standard_protocol(system) -> None:
 
 
 def test_supervisorctl_reports_the_program_running(system) -> None:
-    supervisor, _ = system
+    supervisor = system
     supervisor.wait_running("talker:asr")
     status = supervisor.ctl("status")
     assert "talker:asr" in status.stdout and "RUNNING" in status.stdout, status.stdout
 
 
 def test_grpcurl_lists_and_describes_through_reflection(system) -> None:
-    _, address = system
+    address = system.addresses["asr"]
     listed = grpcurl(address, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) >= {
@@ -81,7 +64,7 @@ def test_grpcurl_lists_and_describes_through_reflection(system) -> None:
 
 
 def test_grpcurl_recognize_with_trace_id_reaches_the_log(system) -> None:
-    supervisor, address = system
+    supervisor, address = system, system.addresses["asr"]
     sentence = "Please tell me the weather in Paris tomorrow."
     body = json.dumps(
         {
@@ -113,7 +96,7 @@ def test_grpcurl_recognize_with_trace_id_reaches_the_log(system) -> None:
 
 
 def test_bad_input_through_grpcurl_gets_a_sentence(system) -> None:
-    _, address = system
+    address = system.addresses["asr"]
     body = json.dumps(
         {"format": {"encoding": "AUDIO_ENCODING_PCM_S16LE", "sample_rate_hz": 0}, "audio": "AAAA"}
     )
@@ -123,7 +106,7 @@ def test_bad_input_through_grpcurl_gets_a_sentence(system) -> None:
 
 
 def test_sigterm_drains_and_supervisord_restarts_a_killed_program(system) -> None:
-    supervisor, address = system
+    supervisor, address = system, system.addresses["asr"]
     stopped = supervisor.ctl("stop", "talker:asr")
     assert "stopped" in stopped.stdout, stopped.stdout
     log = supervisor.log("asr")

@@ -17,7 +17,7 @@ os.environ.setdefault("TALKER_CACHE_DIR", str(Path(__file__).resolve().parent.pa
 
 from services.common.runtime import GrpcProgram
 from services.common.settings import ServiceSettings
-from tests.processes import InProcessServer
+from tests.processes import InProcessServer, Supervisor
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +68,16 @@ def asr_engine():  # type: ignore[no-untyped-def]
     engine = WhisperEngine(AsrSettings())
     engine.load()
     return engine
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    """Every program under the project's real supervisord, on free ports, all SERVING."""
+    supervisor = Supervisor(tmp_path_factory.mktemp("var"))
+    supervisor.start()
+    try:
+        for address in supervisor.addresses.values():
+            supervisor.wait_status(address, timeout_s=240)
+        yield supervisor
+    finally:
+        supervisor.stop()

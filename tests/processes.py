@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from services.common.health_probe import probe
+from services.common.programs import PROGRAMS
 from services.common.runtime import GrpcProgram
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,9 +28,17 @@ def free_port() -> int:
 class Supervisor:
     """supervisord with the project's own config, on private ports and a private var dir."""
 
-    def __init__(self, var_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
         self.var_dir = var_dir
-        self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **env}
+        # Every program on free ports, so tests never clash with a `make run`.
+        self.addresses: dict[str, str] = {}
+        ports: dict[str, str] = {}
+        for program in PROGRAMS:
+            port = free_port()
+            self.addresses[program] = f"127.0.0.1:{port}"
+            ports[f"TALKER_{program.upper()}_PORT"] = str(port)
+            ports[f"TALKER_{program.upper()}_METRICS_PORT"] = str(free_port())
+        self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **ports, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
