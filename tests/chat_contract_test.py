@@ -72,7 +72,7 @@ def test_sentences_arrive_before_the_reply_ends(chat) -> None:
 
 def test_thirty_turn_session_keeps_at_most_n_turns_under_the_budget(start_in_process) -> None:
     settings = ChatSettings(
-        port=0, metrics_port=0, max_turns=5, token_budget=400, max_new_tokens=40
+        port=0, metrics_port=0, max_turns=5, token_budget=300, max_new_tokens=16
     )
     server = start_in_process(build_program, settings)
     with grpc.insecure_channel(server.address) as channel:
