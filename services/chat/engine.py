@@ -82,6 +82,16 @@ def resolve_source(model_path: str) -> ModelSource:
     )
 
 
+def resolve_dtype(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def gguf_cache_key(file: Path) -> str:
     """Cheap identity of a (possibly multi-GB) file: name, size, mtime, ends hashed."""
     stat = file.stat()
@@ -161,6 +171,7 @@ class ChatModel:
         self.source: ModelSource | None = None
         self.loaded_from = ""  # "cache" | "gguf" | "folder"
         self.eos_ids: set[int] = set()
+        self.dtype_name = "float32"
         self.prefixes = PrefixCache(settings.kv_cache_sessions)
 
     # ---- loading -----------------------------------------------------------
@@ -173,7 +184,8 @@ class ChatModel:
         transformers_logging.set_verbosity_error()
 
         torch.set_num_threads(self.settings.torch_threads)
-        dtype = getattr(torch, self.settings.dtype)
+        self.dtype_name = resolve_dtype(self.settings.dtype)
+        dtype = getattr(torch, self.dtype_name)
         source = resolve_source(self.settings.model_path)
         self.source = source
         if source.gguf_file is None:
@@ -204,7 +216,7 @@ class ChatModel:
         assert source.gguf_file is not None
         gguf = source.folder / source.gguf_file
         key = gguf_cache_key(gguf)
-        target = self.settings.cache_dir / "chat" / f"{gguf.stem}-{key}-{self.settings.dtype}"
+        target = self.settings.cache_dir / "chat" / f"{gguf.stem}-{key}-{self.dtype_name}"
         if (target / "config.json").is_file():
             self.loaded_from = "cache"
             return target
@@ -236,9 +248,10 @@ class ChatModel:
         return target
 
     def _warm_up(self) -> None:
+        """Two tokens through the real path, so the first user does not pay for lazy init."""
         ids = self.prompt_ids([{"role": "user", "content": "Hi"}])
         run = GenerationRun(prompt_tokens=len(ids))
-        for _ in self.generate(ids, GenerationParams(4, 1.0, 1.0, True), threading.Event(), run):
+        for _ in self.generate(ids, GenerationParams(2, 1.0, 1.0, True), threading.Event(), run):
             pass
 
     @property

@@ -1,0 +1,177 @@
+"""Chat: time to first token in a 3-turn session, tokens/s with and without
+the KV cache, cold start from the GGUF vs from the dequantised cache (process
+start to SERVING), and the server's RSS after 100 turns vs after 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.tables import percentile, print_table
+from services.chat.config import ChatSettings
+from services.chat.engine import ChatModel, GenerationParams, GenerationRun
+from services.common.health_probe import probe
+from talker.v1 import chat_pb2, chat_pb2_grpc
+from tests.processes import REPO, free_port
+
+QUESTIONS = [
+    "Hello! Who are you?",
+    "What is the capital of France?",
+    "What is a good name for a cat?",
+]
+
+
+def kv_cache_ratio(model: ChatModel, rounds: int) -> None:
+    ids = model.prompt_ids(
+        [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    )
+    params = GenerationParams(64, 1.0, 1.0, True)
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for use_cache in (True, False):
+            run = GenerationRun(prompt_tokens=len(ids))
+            started = time.perf_counter()
+            for _delta in model.generate(
+                ids, params, threading.Event(), run, use_kv_cache=use_cache
+            ):
+                pass
+            rates[use_cache].append(run.completion_tokens / (time.perf_counter() - started))
+    with_cache, without = percentile(rates[True], 50), percentile(rates[False], 50)
+    print_table(
+        f"Generation speed, {params.max_new_tokens} tokens greedy, {rounds} rounds",
+        ["KV cache", "tok/s p50", "tok/s p5"],
+        [
+            ["on", with_cache, percentile(rates[True], 5)],
+            ["off", without, percentile(rates[False], 5)],
+        ],
+    )
+    print(f"KV cache speed-up: {with_cache / without:.2f}x  (target: >= 25 tok/s with it)")
+
+
+class ChatProcess:
+    """The real chat program in a subprocess, on free ports, with its own cache dir."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "TALKER_CHAT_PORT": str(self.port),
+            "TALKER_CHAT_METRICS_PORT": "0",
+            "TALKER_CACHE_DIR": str(cache_dir),
+            "TALKER_CHAT_MAX_NEW_TOKENS": "48",
+        }
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.chat"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.address = f"127.0.0.1:{self.port}"
+
+    def seconds_to_serving(self, timeout_s: float = 300) -> float:
+        while probe(self.address, timeout_s=0.5) != "SERVING":
+            if time.perf_counter() - self.started > timeout_s or self.process.poll() is not None:
+                raise RuntimeError("chat did not become SERVING")
+            time.sleep(0.05)
+        return time.perf_counter() - self.started
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def first_token_s(stub: chat_pb2_grpc.ChatServiceStub, session_id: str, text: str) -> float:
+    started = time.perf_counter()
+    first = float("nan")
+    for response in stub.Chat(
+        chat_pb2.ChatRequest(
+            session_id=session_id, text=text, sampling=chat_pb2.SamplingParams(greedy=True)
+        ),
+        timeout=120,
+    ):
+        if response.HasField("delta") and first != first:
+            first = time.perf_counter() - started
+    return first
+
+
+def main() -> None:
+    rounds = int(os.environ.get("BENCH_ROUNDS", "5"))
+    with tempfile.TemporaryDirectory() as cache:
+        cold = ChatProcess(Path(cache))
+        cold_s = cold.seconds_to_serving()
+        cold.stop()
+        warm = ChatProcess(Path(cache))
+        warm_s = warm.seconds_to_serving()
+        print_table(
+            "Chat program start to SERVING",
+            ["start", "seconds"],
+            [
+                ["cold: GGUF dequantised, cache written", cold_s],
+                ["restart: from the cache", warm_s],
+            ],
+        )
+        print("target: restart < 3 s")
+        try:
+            with grpc.insecure_channel(warm.address) as channel:
+                stub = chat_pb2_grpc.ChatServiceStub(channel)
+                firsts, thirds = [], []
+                for session in range(20):
+                    for turn, question in enumerate(QUESTIONS):
+                        ttft = first_token_s(stub, f"ttft{session}", question)
+                        (firsts if turn == 0 else thirds if turn == 2 else []).append(1000 * ttft)
+                print_table(
+                    "Time to first token (client side, through gRPC), 20 sessions",
+                    ["turn", "p50 ms", "p95 ms"],
+                    [
+                        [
+                            "1st turn (empty history)",
+                            percentile(firsts, 50),
+                            percentile(firsts, 95),
+                        ],
+                        [
+                            "3rd turn (2 exchanges of history)",
+                            percentile(thirds, 50),
+                            percentile(thirds, 95),
+                        ],
+                    ],
+                )
+                print("target: 3-turn session first token < 150 ms p50")
+                first_token_s(stub, "rss", "Hello!")
+                after_one = warm.rss_mb()
+                for turn in range(99):
+                    first_token_s(stub, "rss" if turn % 2 else f"rss{turn}", QUESTIONS[turn % 3])
+                after_hundred = warm.rss_mb()
+                print_table(
+                    "Chat process RSS",
+                    ["after", "RSS MB"],
+                    [
+                        ["1 turn", after_one],
+                        ["100 turns", after_hundred],
+                        ["growth", after_hundred - after_one],
+                    ],
+                )
+                print("target: growth < 50 MB")
+        finally:
+            warm.stop()
+    model = ChatModel(ChatSettings())
+    model.load()
+    kv_cache_ratio(model, rounds)
+
+
+if __name__ == "__main__":
+    main()
