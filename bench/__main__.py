@@ -1,10 +1,12 @@
 import sys
 
-from bench import asr_bench, chat_bench
+from bench import asr_bench, chat_bench, chat_models
 
 BENCHES = {"asr": asr_bench.main, "chat": chat_bench.main}
+# Run on request only: a model comparison, not a speed benchmark.
+EXTRA = {"chat_models": chat_models.main}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)
     for name in names:
-        BENCHES[name]()
+        {**BENCHES, **EXTRA}[name]()

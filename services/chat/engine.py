@@ -164,8 +164,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatModel:
-    def __init__(self, settings: ChatSettings) -> None:
+    def __init__(self, settings: ChatSettings, require_chat_template: bool = True) -> None:
+        """`require_chat_template=False` lets a base model load (plain
+        "Question/Answer" prompts); only the model comparison bench uses it."""
         self.settings = settings
+        self.require_chat_template = require_chat_template
         self.model: Any = None
         self.tokenizer: Any = None
         self.source: ModelSource | None = None
@@ -179,7 +182,9 @@ class ChatModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
-        # Progress bars and deprecation chatter would break the JSON log lines.
+        # Progress bars and deprecation chatter would break the JSON log lines
+        # (the GGUF converter uses tqdm directly, hence the environment switch).
+        os.environ.setdefault("TQDM_DISABLE", "1")
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
 
@@ -195,7 +200,7 @@ class ChatModel:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         self.model.eval()
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.require_chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise PreconditionFailed(
                 f"The chat model {source.model_id} has no chat template: it is a base model, "
                 "not an instruction-tuned one, and cannot hold a conversation."
@@ -263,6 +268,9 @@ class ChatModel:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            question = messages[-1]["content"]
+            return list(self.tokenizer.encode(f"Question: {question}\nAnswer:"))
         encoded = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
