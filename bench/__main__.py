@@ -1,8 +1,8 @@
 import sys
 
-from bench import asr_bench, chat_bench, chat_models
+from bench import asr_bench, chat_bench, chat_models, synthesize_bench
 
-BENCHES = {"asr": asr_bench.main, "chat": chat_bench.main}
+BENCHES = {"asr": asr_bench.main, "chat": chat_bench.main, "synthesize": synthesize_bench.main}
 # Run on request only: a model comparison, not a speed benchmark.
 EXTRA = {"chat_models": chat_models.main}
 

@@ -178,3 +178,39 @@ class StreamResampler:
         if self._stream is None:
             return audio
         return self._stream.resample_chunk(audio, last=last)
+
+
+# ---- audio out ----------------------------------------------------------------
+
+OUTPUT_ENCODINGS = (
+    audio_pb2.AUDIO_ENCODING_PCM_S16LE,
+    audio_pb2.AUDIO_ENCODING_PCM_F32LE,
+    audio_pb2.AUDIO_ENCODING_WAV,
+)
+
+
+def encode_samples(audio: np.ndarray, encoding: int) -> bytes:
+    """Float mono samples -> raw PCM bytes (a WAV stream's data is s16le)."""
+    if encoding == audio_pb2.AUDIO_ENCODING_PCM_F32LE:
+        return np.clip(audio, -1.0, 1.0).astype("<f4").tobytes()
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def streaming_wav_header(sample_rate_hz: int, channels: int = 1) -> bytes:
+    """A WAV header for s16le audio of unknown length: the RIFF and data sizes
+    are 0xFFFFFFFF, which players and soundfile read as "until the end"."""
+    byte_rate = sample_rate_hz * channels * 2
+    return (
+        b"RIFF"
+        + (0xFFFFFFFF).to_bytes(4, "little")
+        + b"WAVEfmt "
+        + (16).to_bytes(4, "little")
+        + (1).to_bytes(2, "little")  # PCM
+        + channels.to_bytes(2, "little")
+        + sample_rate_hz.to_bytes(4, "little")
+        + byte_rate.to_bytes(4, "little")
+        + (channels * 2).to_bytes(2, "little")
+        + (16).to_bytes(2, "little")
+        + b"data"
+        + (0xFFFFFFFF).to_bytes(4, "little")
+    )

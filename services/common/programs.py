@@ -11,6 +11,7 @@ from services.common.settings import ServiceSettings
 PROGRAMS: dict[str, str] = {
     "asr": "services.asr.config:AsrSettings",
     "chat": "services.chat.config:ChatSettings",
+    "synthesize": "services.synthesize.config:SynthesizeSettings",
 }
 
 

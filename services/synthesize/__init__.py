@@ -1,0 +1,1 @@
+"""Speech synthesis: Piper voices, streamed sentence by sentence."""

@@ -1,0 +1,3 @@
+from services.synthesize.server import main
+
+main()

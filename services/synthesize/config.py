@@ -1,0 +1,51 @@
+"""Settings of the synthesize program (env prefix `TALKER_SYNTHESIZE_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings, default_var_dir
+
+
+class SynthesizeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TALKER_SYNTHESIZE_", extra="ignore")
+    program: ClassVar[str] = "synthesize"
+
+    port: int = Field(default=50053, ge=0, le=65535, description="gRPC port.")
+    metrics_port: int = Field(default=9153, ge=0, le=65535, description="/metrics port; 0 = off.")
+
+    voices_dir: Path = Field(
+        default_factory=lambda: default_var_dir() / "voices",
+        description="Extra Piper voices: drop `<name>.onnx` + `<name>.onnx.json` here; the "
+        "voice id is `<name>`. The embedded en_US-joe-medium is always there.",
+    )
+    default_voice_id: str = Field(
+        default="en_US-joe-medium", description="Voice used when a request names none."
+    )
+    default_sample_rate_hz: int = Field(
+        default=24_000, ge=8_000, le=48_000, description="Output rate when a request sets none."
+    )
+    max_text_chars: int = Field(
+        default=5000, ge=1, description="Longest text one Synthesize call takes, characters."
+    )
+    chunk_ms: int = Field(
+        default=200,
+        ge=20,
+        le=2000,
+        description="Audio per streamed chunk, ms. Piper makes a sentence at a time; it "
+        "is sent in pieces this long so players can start at once.",
+    )
+    onnx_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="onnxruntime intra-op threads per voice, so TTS can share the host.",
+    )
+    max_waiting: int = Field(
+        default=16, ge=0, description="Syntheses waiting for a voice; more get RESOURCE_EXHAUSTED."
+    )
+    workers: int = Field(default=2, ge=1, le=32, description="Syntheses running at once.")

