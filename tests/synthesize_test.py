@@ -190,6 +190,7 @@ def test_faster_speaking_rate_is_shorter(tts) -> None:
     text = "This sentence is spoken at two different speeds."
     normal = synthesize(tts, text)[-1].finished.duration_ms
     fast = list(
-        tts.Synthesize(synthesize_pb2.SynthesizeRequest(text=text, speaking_rate=1.5), timeout=30)
+        tts.Synthesize(synthesize_pb2.SynthesizeRequest(text=text, speaking_rate=2.0), timeout=30)
     )[-1].finished.duration_ms
-    assert fast < 0.8 * normal
+    # Twice the rate: the phonemes take half as long; pauses and noise keep it above 0.5.
+    assert fast < 0.75 * normal
