@@ -1,0 +1,57 @@
+"""Every program under the real supervisord: health through the standard
+protocol, its service listed by the real grpcurl via reflection, and the
+trace id returned in the response headers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from services.common.programs import PROGRAMS
+from tests.processes import VENV_BIN
+
+SERVICES = {
+    "asr": "talker.v1.AsrService",
+    "chat": "talker.v1.ChatService",
+    "synthesize": "talker.v1.SynthesizeService",
+}
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_program_serves_health_reflection_and_trace_ids(system, program: str) -> None:
+    address = system.addresses[program]
+    service = SERVICES[program]
+    assert service in grpcurl(address, "list").stdout.split()
+    health = grpcurl(
+        "-v",
+        "-H",
+        f"x-trace-id: probe-{program}",
+        "-d",
+        json.dumps({"service": service}),
+        address,
+        "grpc.health.v1.Health/Check",
+    )
+    assert '"status": "SERVING"' in health.stdout, health.stdout + health.stderr
+    assert f"x-trace-id: probe-{program}" in health.stdout
+    assert "RUNNING" in system.ctl("status", f"talker:{program}").stdout
+
+
+def test_synthesize_through_grpcurl(system) -> None:
+    result = grpcurl(
+        "-d",
+        json.dumps(
+            {"text": "Hello from the operator.", "output_format": {"sample_rate_hz": 16000}}
+        ),
+        system.addresses["synthesize"],
+        "talker.v1.SynthesizeService/Synthesize",
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"finished"' in result.stdout and '"sample_rate_hz": 16000' in result.stdout
