@@ -50,4 +50,10 @@ class SynthesizeSettings(ServiceSettings):
     max_waiting: int = Field(
         default=16, ge=0, description="Syntheses waiting for a voice; more get RESOURCE_EXHAUSTED."
     )
+    max_reference_s: float = Field(
+        default=300, gt=0, description="Longest reference recording CreateVoice uses, s."
+    )
+    max_reference_bytes: int = Field(
+        default=64 * 2**20, ge=1, description="Largest reference recording accepted, bytes."
+    )
     workers: int = Field(default=2, ge=1, le=32, description="Syntheses running at once.")

