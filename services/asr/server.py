@@ -301,10 +301,7 @@ def build_program(settings: AsrSettings) -> GrpcProgram:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    settings = AsrSettings.load(sys.argv[1:] if argv is None else argv)
-    run_program(settings, build_program)  # type: ignore[arg-type]
+    run_program(AsrSettings, build_program, argv)
 
 
 if __name__ == "__main__":

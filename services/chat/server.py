@@ -266,10 +266,7 @@ def build_program(settings: ChatSettings) -> GrpcProgram:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    settings = ChatSettings.load(sys.argv[1:] if argv is None else argv)
-    run_program(settings, build_program)  # type: ignore[arg-type]
+    run_program(ChatSettings, build_program, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -166,10 +167,13 @@ def loop_time() -> float:
 
 
 def run_program(
-    settings: ServiceSettings,
-    build: Callable[[ServiceSettings], GrpcProgram],
+    settings_class: type[ServiceSettings],
+    build: Callable[[Any], GrpcProgram],
+    argv: list[str] | None = None,
 ) -> None:
-    """Entry point of `python -m services.<name>`: logging, then serve until terminated."""
+    """Entry point of `python -m services.<name>`: settings from the environment
+    and command-line flags, JSON logging, then serve until terminated."""
+    settings = settings_class.load(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.program, settings.log_level)
     program = build(settings)
     asyncio.run(program.run_until_terminated())

@@ -384,10 +384,7 @@ def build_program(settings: SynthesizeSettings) -> GrpcProgram:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    settings = SynthesizeSettings.load(sys.argv[1:] if argv is None else argv)
-    run_program(settings, build_program)  # type: ignore[arg-type]
+    run_program(SynthesizeSettings, build_program, argv)
 
 
 if __name__ == "__main__":
