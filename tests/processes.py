@@ -38,6 +38,7 @@ class Supervisor:
             self.addresses[program] = f"127.0.0.1:{port}"
             ports[f"TALKER_{program.upper()}_PORT"] = str(port)
             ports[f"TALKER_{program.upper()}_METRICS_PORT"] = str(free_port())
+        ports["TALKER_WATCHDOG_METRICS_PORT"] = str(free_port())
         self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **ports, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 

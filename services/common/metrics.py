@@ -6,6 +6,7 @@ Process RSS and CPU come from prometheus-client's default process collector
 from __future__ import annotations
 
 import logging
+import os
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -48,6 +49,9 @@ ERRORS = Counter(
     "talker_grpc_errors_total", "gRPC calls that ended with an error, by code.", ["method", "code"]
 )
 READY = Gauge("talker_ready", "1 when the program reports SERVING, else 0.")
+MEMORY_LIMIT = Gauge(
+    "talker_memory_limit_bytes", "The memory ceiling (RSS) of this program; 0 = none."
+)
 QUEUE_DEPTH = Gauge("talker_queue_depth", "Work items waiting for a model, by queue.", ["queue"])
 
 
@@ -59,3 +63,9 @@ def start_metrics_endpoint(host: str, port: int) -> int:
     bound = int(server.server_port)
     log.info("metrics endpoint listening", extra={"address": f"http://{host}:{bound}/metrics"})
     return bound
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

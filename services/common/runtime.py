@@ -24,6 +24,8 @@ from services.common.settings import ServiceSettings
 
 log = logging.getLogger("talker.runtime")
 
+# Above this share of its memory ceiling a program reports NOT_SERVING.
+MEMORY_HIGH_WATER = 0.9
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -60,7 +62,8 @@ class GrpcProgram:
         self._add_servicers = add_servicers
         self._load = load
         self._ready = False
-        self._overloaded = False
+        self._conditions: set[str] = set()
+        self._memory_task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
@@ -73,22 +76,45 @@ class GrpcProgram:
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING / NOT_SERVING for the program and each of its services."""
-        status = SERVING if serving else NOT_SERVING
+        status = SERVING if serving and not self._conditions else NOT_SERVING
         self._ready = serving
         metrics.READY.set(1 if serving else 0)
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
-    async def set_overloaded(self, overloaded: bool) -> None:
-        """NOT_SERVING while a work queue is full, so balancers and the watchdog
-        see the pressure; SERVING again when it drains (if the model is loaded)."""
-        self._overloaded = overloaded
-        if not self._ready:  # loading or draining: NOT_SERVING already, and it stays so
+    async def set_condition(self, condition: str, active: bool) -> None:
+        """Conditions that make a loaded program NOT_SERVING until they clear:
+        "queue_full" (so balancers and the watchdog see the pressure) and
+        "memory" (over 90% of its ceiling: the watchdog restarts it after it drains)."""
+        before = set(self._conditions)
+        if active:
+            self._conditions.add(condition)
+        else:
+            self._conditions.discard(condition)
+        if before == self._conditions:
             return
-        status = NOT_SERVING if overloaded else SERVING
-        log.warning("work queue full" if overloaded else "work queue has room again")
+        log.warning(
+            "not serving" if self._conditions else "serving again",
+            extra={"conditions": sorted(self._conditions)},
+        )
+        if not self._ready or bool(before) == bool(self._conditions):
+            return  # loading or draining (NOT_SERVING already), or no change of status
+        status = NOT_SERVING if self._conditions else SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
+
+    async def set_overloaded(self, overloaded: bool) -> None:
+        await self.set_condition("queue_full", overloaded)
+
+    async def _watch_memory(self) -> None:
+        limit = self.settings.memory_limit_mb * 2**20
+        metrics.MEMORY_LIMIT.set(limit)
+        while True:
+            # /proc reads never block on disk; no thread needed.
+            await self.set_condition(
+                "memory", metrics.process_rss_bytes() > MEMORY_HIGH_WATER * limit
+            )
+            await asyncio.sleep(2.0)
 
     async def start(self) -> int:
         """Bind, start serving health at once, and begin loading the model."""
@@ -116,6 +142,8 @@ class GrpcProgram:
             extra={"address": f"{settings.host}:{self.port}", "services": self.service_names},
         )
         self._load_task = asyncio.create_task(self._load_model())
+        if settings.memory_limit_mb:
+            self._memory_task = asyncio.create_task(self._watch_memory())
         return self.port
 
     async def _load_model(self) -> None:
@@ -137,6 +165,8 @@ class GrpcProgram:
         self._ready = False
         metrics.READY.set(0)
         await self.health.enter_graceful_shutdown()
+        if self._memory_task is not None:
+            self._memory_task.cancel()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         await self.server.stop(grace)

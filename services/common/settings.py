@@ -54,6 +54,12 @@ class ServiceSettings(BaseSettings):
         description="Calls served at once; gRPC answers RESOURCE_EXHAUSTED past it.",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
+    memory_limit_mb: int = Field(
+        default=0,
+        ge=0,
+        description="Memory ceiling (RSS, MiB). Above 90% of it the program reports "
+        "NOT_SERVING and the watchdog restarts it once it has drained. 0 = no ceiling.",
+    )
     var_dir: Path = Field(
         default_factory=default_var_dir,
         description="Folder for runtime state: caches, logs, sockets.",

@@ -1,0 +1,3 @@
+from services.watchdog.watchdog import main
+
+main()

@@ -1,0 +1,184 @@
+"""Health-driven restarts. Every `interval_s` each program is probed through
+grpc.health.v1 with a deadline. After `failures_to_restart` failures in a row
+the watchdog acts through supervisord's XML-RPC interface:
+
+- no answer (hung, deadlocked, SIGSTOPped, port gone): SIGKILL, and
+  supervisord's autorestart brings it back at once: a hung process cannot
+  drain, so a graceful stop would only wait out stopwaitsecs;
+- NOT_SERVING for longer than `not_serving_grace_s` (e.g. over its memory
+  ceiling): a graceful restart (SIGTERM drains in-flight calls first).
+
+Restarts of one program are rate-limited with exponential backoff so a crash
+loop does not spin; every action is logged and counted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from supervisor.xmlrpc import SupervisorTransport
+
+from services.common.health_probe import probe
+from services.common.logs import configure_logging
+from services.common.metrics import start_metrics_endpoint
+from services.common.programs import PROGRAMS, program_settings
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger("talker.watchdog")
+
+PROBES = Counter(
+    "talker_watchdog_probes_total", "Health probes, by program and result.", ["program", "result"]
+)
+RESTARTS = Counter(
+    "talker_watchdog_restarts_total",
+    "Restarts ordered, by program and reason.",
+    ["program", "reason"],
+)
+FAILURES = Gauge("talker_watchdog_consecutive_failures", "Failed probes in a row.", ["program"])
+
+
+class WatchdogSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TALKER_WATCHDOG_", extra="ignore")
+    program: ClassVar[str] = "watchdog"
+
+    metrics_port: int = Field(default=9155, ge=0, le=65535, description="/metrics port; 0 = off.")
+    interval_s: float = Field(default=2.0, gt=0, le=60, description="Seconds between probe rounds.")
+    probe_timeout_s: float = Field(default=1.0, gt=0, le=30, description="Deadline of one probe.")
+    failures_to_restart: int = Field(
+        default=3, ge=1, le=100, description="Failed probes in a row that trigger a restart."
+    )
+    not_serving_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long NOT_SERVING is tolerated (model loading, a full queue) before it counts as a failure.",
+    )
+    backoff_initial_s: float = Field(
+        default=10.0, gt=0, description="Least time between two restarts of one program."
+    )
+    backoff_max_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between restarts of a crash-looping program."
+    )
+    supervisor_url: str = Field(
+        default="", description="supervisord's XML-RPC URL; empty: the unix socket in the var dir."
+    )
+
+
+@dataclass
+class ProgramWatch:
+    name: str
+    address: str
+    failures: int = 0
+    not_serving_since: float | None = None
+    next_restart_allowed: float = 0.0
+    backoff_s: float = 0.0
+    last_restart: float = 0.0
+
+
+class Watchdog:
+    GROUP: ClassVar[str] = "talker"
+
+    def __init__(self, settings: WatchdogSettings, supervisor: Any, programs: list[str]) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.watches = []
+        for name in programs:
+            program = program_settings(name)
+            self.watches.append(ProgramWatch(name, f"{program.host}:{program.port}"))
+
+    def state(self, name: str) -> str:
+        try:
+            return str(self.supervisor.getProcessInfo(f"{self.GROUP}:{name}")["statename"])
+        except (xmlrpc.client.Fault, OSError) as error:
+            log.warning("supervisord did not answer", extra={"program": name, "error": str(error)})
+            return "UNKNOWN"
+
+    def check(self, watch: ProgramWatch, now: float) -> None:
+        # Starting, backing off, stopped by an operator: supervisord's business, not ours.
+        if self.state(watch.name) != "RUNNING":
+            watch.failures, watch.not_serving_since = 0, None
+            return
+        status = probe(watch.address, self.settings.probe_timeout_s)
+        PROBES.labels(watch.name, status).inc()
+        if status == "SERVING":
+            watch.failures, watch.not_serving_since = 0, None
+            if watch.backoff_s and now - watch.last_restart > self.settings.backoff_max_s:
+                watch.backoff_s = 0.0  # healthy long enough: forget the crash loop
+        elif status == "NOT_SERVING":
+            watch.not_serving_since = watch.not_serving_since or now
+            if now - watch.not_serving_since >= self.settings.not_serving_grace_s:
+                watch.failures += 1
+        else:
+            watch.failures += 1
+        FAILURES.labels(watch.name).set(watch.failures)
+        if watch.failures >= self.settings.failures_to_restart:
+            self.restart(watch, status, now)
+
+    def restart(self, watch: ProgramWatch, status: str, now: float) -> None:
+        if now < watch.next_restart_allowed:
+            log.warning(
+                "restart held back by backoff",
+                extra={
+                    "program": watch.name,
+                    "status": status,
+                    "wait_s": round(watch.next_restart_allowed - now, 1),
+                },
+            )
+            return
+        full_name = f"{self.GROUP}:{watch.name}"
+        reason = "not_serving" if status == "NOT_SERVING" else "no_answer"
+        log.error(
+            "restarting program",
+            extra={
+                "program": watch.name,
+                "status": status,
+                "failures": watch.failures,
+                "reason": reason,
+            },
+        )
+        try:
+            if reason == "no_answer":
+                self.supervisor.signalProcess(full_name, "KILL")  # autorestart brings it back
+            else:
+                self.supervisor.stopProcess(full_name, True)
+                self.supervisor.startProcess(full_name, False)
+        except (xmlrpc.client.Fault, OSError) as error:
+            log.error("restart failed", extra={"program": watch.name, "error": str(error)})
+            return
+        RESTARTS.labels(watch.name, reason).inc()
+        watch.failures, watch.not_serving_since, watch.last_restart = 0, None, now
+        watch.backoff_s = min(
+            self.settings.backoff_max_s, max(self.settings.backoff_initial_s, watch.backoff_s * 2)
+        )
+        watch.next_restart_allowed = now + watch.backoff_s
+
+    def run_forever(self) -> None:
+        log.info("watching", extra={"programs": {w.name: w.address for w in self.watches}})
+        while True:
+            started = time.monotonic()
+            for watch in self.watches:
+                self.check(watch, time.monotonic())
+            time.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
+
+
+def supervisor_proxy(settings: WatchdogSettings) -> Any:
+    url = settings.supervisor_url or f"unix://{settings.var_dir / 'run' / 'supervisor.sock'}"
+    return xmlrpc.client.ServerProxy(
+        "http://127.0.0.1", transport=SupervisorTransport(None, None, serverurl=url)
+    ).supervisor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("programs", nargs="*", default=list(PROGRAMS))
+    args = parser.parse_args()
+    settings = WatchdogSettings.load()
+    configure_logging(settings.program, settings.log_level)
+    start_metrics_endpoint(settings.host, settings.metrics_port)
+    Watchdog(settings, supervisor_proxy(settings), args.programs).run_forever()

@@ -1,0 +1,94 @@
+"""The watchdog under the real supervisord: a hung program (SIGSTOP, port
+still open) and a program over its memory ceiling are restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from services.common.health_probe import probe
+from tests.processes import Supervisor
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    supervisor = Supervisor(
+        tmp_path_factory.mktemp("var"),
+        {
+            "TALKER_WATCHDOG_INTERVAL_S": "1",
+            "TALKER_WATCHDOG_PROBE_TIMEOUT_S": "1",
+            "TALKER_WATCHDOG_NOT_SERVING_GRACE_S": "2",
+            "TALKER_WATCHDOG_BACKOFF_INITIAL_S": "20",
+            # Far below what the voice models need: synthesize is over it as soon as it loads.
+            "TALKER_SYNTHESIZE_MEMORY_LIMIT_MB": "100",
+        },
+    )
+    supervisor.start()
+    try:
+        for program in ("asr", "chat"):
+            supervisor.wait_status(supervisor.addresses[program], timeout_s=240)
+        yield supervisor
+    finally:
+        supervisor.stop()
+
+
+def pid(supervisor: Supervisor, program: str) -> int:
+    return int(supervisor.ctl("pid", f"talker:{program}").stdout.strip())
+
+
+def watchdog_events(supervisor: Supervisor, event: str) -> list[dict]:
+    lines = supervisor.log("watchdog").splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def test_hung_program_is_killed_and_comes_back(watched: Supervisor) -> None:
+    address = watched.addresses["asr"]
+    hung = pid(watched, "asr")
+    os.kill(hung, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    deadline = stopped_at + 90
+    while not (probe(address, 1) == "SERVING" and pid(watched, "asr") != hung):
+        assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+        time.sleep(0.2)
+    print(f"asr hung -> SERVING again with a new process in {time.monotonic() - stopped_at:.1f} s")
+    restarts = [e for e in watchdog_events(watched, "restarting program") if e["program"] == "asr"]
+    assert restarts and restarts[-1]["reason"] == "no_answer"
+
+
+def test_program_over_its_memory_ceiling_reports_not_serving_and_is_restarted(
+    watched: Supervisor,
+) -> None:
+    deadline = time.monotonic() + 120
+    while not any(
+        e["program"] == "synthesize" for e in watchdog_events(watched, "restarting program")
+    ):
+        assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+        time.sleep(0.5)
+    restart = next(
+        e for e in watchdog_events(watched, "restarting program") if e["program"] == "synthesize"
+    )
+    assert restart["reason"] == "not_serving"
+    log = [
+        json.loads(line) for line in watched.log("synthesize").splitlines() if line.startswith("{")
+    ]
+    assert any(e["event"] == "not serving" and "memory" in e.get("conditions", []) for e in log)
+    # It drained: the restart was a graceful stop, so the old process said so.
+    assert any(e["event"] == "termination requested; draining" for e in log)
+
+
+def test_crash_loop_is_rate_limited(watched: Supervisor) -> None:
+    # synthesize stays over its ceiling after every restart: the next restart is
+    # held back for the backoff (20 s here) instead of following at once.
+    deadline = time.monotonic() + 60
+    while not watchdog_events(watched, "restart held back by backoff"):
+        assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+        time.sleep(0.5)
+    restarts = [
+        e for e in watchdog_events(watched, "restarting program") if e["program"] == "synthesize"
+    ]
+    assert len(restarts) == 1
