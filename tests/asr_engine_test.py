@@ -109,7 +109,7 @@ def test_noise_alone_does_not_start_speech(asr_engine) -> None:
 
 def test_finish_flushes_speech_in_progress(asr_engine) -> None:
     recognizer = StreamingRecognizer(asr_engine, stream_options(interim_results=False))
-    outputs = feed_in_chunks(recognizer, VOICES["espeak"](SENTENCES[4]))
+    outputs = feed_in_chunks(recognizer, VOICES["piper"](SENTENCES[4]))
     outputs += recognizer.finish()
     finals = [o for o in outputs if isinstance(o, Result) and o.is_final]
     assert len(finals) == 1
