@@ -104,3 +104,25 @@ def test_sigterm_drain_lets_a_live_stream_finish_and_refuses_new_calls() -> None
     stop_thread.join(30)
     server.loop.call_soon_threadsafe(server.loop.stop)
     assert len(finals) == 1 and word_error_rate([sentence], finals) <= 0.15
+
+
+def test_stale_partial_files_are_removed_and_fresh_ones_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from services.common.cache_files import remove_stale_partials
+
+    old_file = tmp_path / "model.bin.1.partial"
+    old_dir = tmp_path / "weights.partial-42"
+    fresh = tmp_path / "model.bin.2.partial"
+    kept = tmp_path / "model.bin"
+    old_file.write_bytes(b"x")
+    old_dir.mkdir()
+    (old_dir / "shard").write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    kept.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    for path in (old_file, old_dir):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    os.utime(kept, (an_hour_ago, an_hour_ago))
+    assert remove_stale_partials(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.bin.2.partial"]

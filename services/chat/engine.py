@@ -29,6 +29,7 @@ import torch
 from prometheus_client import Counter, Histogram
 
 from services.chat.config import ChatSettings
+from services.common.cache_files import remove_stale_partials
 from services.common.errors import PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
 
@@ -235,6 +236,7 @@ class ChatModel:
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        remove_stale_partials(target.parent)
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial)

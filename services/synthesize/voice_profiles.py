@@ -17,6 +17,7 @@ import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from services.common.audio import resample
+from services.common.cache_files import remove_stale_partials
 from services.common.errors import InvalidInput, NotFound
 
 ANALYSIS_RATE_HZ = 16_000
@@ -155,8 +156,7 @@ class ProfileStore:
             except (OSError, ValueError, TypeError):
                 continue  # a damaged file is skipped, never fatal
             self._profiles[profile.voice_id] = profile
-        for stale in self.folder.glob("*.partial"):
-            stale.unlink(missing_ok=True)
+        remove_stale_partials(self.folder)
 
     def new_id(self) -> str:
         return f"voice-{uuid.uuid4().hex[:12]}"
