@@ -84,7 +84,7 @@ logs:
 	tail -n 50 $(TALKER_VAR_DIR)/log/*.log
 
 # ---- checks -----------------------------------------------------------------
-test: setup system-deps
+test: setup system-deps node_modules/.bin/buf
 	$(PY) -m pytest
 
 lint: setup system-deps node_modules/.bin/buf
@@ -92,6 +92,12 @@ lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services
 	npx --no-install buf lint
+	@# Contracts must not break generated clients: compare with the last commit
+	@# (uncommitted proto changes) or with the commit before it.
+	@if ! git diff --quiet HEAD -- protos buf.yaml 2>/dev/null; then against=HEAD; \
+	elif git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then against=HEAD~1; else against=; fi; \
+	if [ -n "$$against" ]; then echo "buf breaking --against .git#ref=$$against"; \
+	  npx --no-install buf breaking --against ".git#ref=$$against"; fi
 
 format: setup
 	$(VENV)/bin/ruff format .
