@@ -16,6 +16,7 @@ SERVICES = {
     "asr": "talker.v1.AsrService",
     "chat": "talker.v1.ChatService",
     "synthesize": "talker.v1.SynthesizeService",
+    "animate": "talker.v1.AnimateService",
 }
 
 

@@ -12,6 +12,7 @@ PROGRAMS: dict[str, str] = {
     "asr": "services.asr.config:AsrSettings",
     "chat": "services.chat.config:ChatSettings",
     "synthesize": "services.synthesize.config:SynthesizeSettings",
+    "animate": "services.animate.config:AnimateSettings",
 }
 
 

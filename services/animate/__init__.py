@@ -1,0 +1,1 @@
+"""Animate: portraits checked and prepared once, then made to speak."""

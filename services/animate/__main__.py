@@ -1,0 +1,3 @@
+from services.animate.server import main
+
+main()
