@@ -24,6 +24,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
             "TALKER_WATCHDOG_PROBE_TIMEOUT_S": "1",
             "TALKER_WATCHDOG_NOT_SERVING_GRACE_S": "2",
             "TALKER_WATCHDOG_BACKOFF_INITIAL_S": "20",
+            "TALKER_WATCHDOG_STARTUP_GRACE_S": "20",
             # Far below what the voice models need: synthesize is over it as soon as it loads.
             "TALKER_SYNTHESIZE_MEMORY_LIMIT_MB": "100",
         },
@@ -46,8 +47,16 @@ def watchdog_events(supervisor: Supervisor, event: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
+def uptime_s(supervisor: Supervisor, program: str) -> int:
+    status = supervisor.ctl("status", f"talker:{program}").stdout  # "... uptime 0:00:19"
+    hours, minutes, seconds = status.rsplit("uptime", 1)[1].split()[0].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+
+
 def test_hung_program_is_killed_and_comes_back(watched: Supervisor) -> None:
     address = watched.addresses["asr"]
+    while uptime_s(watched, "asr") <= 21:  # past the startup grace: silence now means hung
+        time.sleep(0.5)
     hung = pid(watched, "asr")
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.monotonic()

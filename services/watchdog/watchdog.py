@@ -54,6 +54,12 @@ class WatchdogSettings(ServiceSettings):
     failures_to_restart: int = Field(
         default=3, ge=1, le=100, description="Failed probes in a row that trigger a restart."
     )
+    startup_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="After a (re)start, a program that does not answer yet is still importing "
+        "and loading: no-answer probes are not counted for this long.",
+    )
     not_serving_grace_s: float = Field(
         default=60.0,
         ge=0,
@@ -92,20 +98,25 @@ class Watchdog:
             program = program_settings(name)
             self.watches.append(ProgramWatch(name, f"{program.host}:{program.port}"))
 
-    def state(self, name: str) -> str:
+    def state(self, name: str) -> tuple[str, float]:
+        """supervisord's state name for the program and its uptime in seconds."""
         try:
-            return str(self.supervisor.getProcessInfo(f"{self.GROUP}:{name}")["statename"])
+            info = self.supervisor.getProcessInfo(f"{self.GROUP}:{name}")
         except (xmlrpc.client.Fault, OSError) as error:
             log.warning("supervisord did not answer", extra={"program": name, "error": str(error)})
-            return "UNKNOWN"
+            return "UNKNOWN", 0.0
+        return str(info["statename"]), float(info["now"] - info["start"])
 
     def check(self, watch: ProgramWatch, now: float) -> None:
+        state, uptime_s = self.state(watch.name)
         # Starting, backing off, stopped by an operator: supervisord's business, not ours.
-        if self.state(watch.name) != "RUNNING":
+        if state != "RUNNING":
             watch.failures, watch.not_serving_since = 0, None
             return
         status = probe(watch.address, self.settings.probe_timeout_s)
         PROBES.labels(watch.name, status).inc()
+        if status not in ("SERVING", "NOT_SERVING") and uptime_s < self.settings.startup_grace_s:
+            return  # still importing before its port is open
         if status == "SERVING":
             watch.failures, watch.not_serving_since = 0, None
             if watch.backoff_s and now - watch.last_restart > self.settings.backoff_max_s:
