@@ -26,6 +26,9 @@ class AnimateSettings(ServiceSettings):
     )
     min_side_px: int = Field(default=256, ge=64, description="Shortest image side accepted, px.")
     min_face_px: int = Field(default=60, ge=16, description="Narrowest face accepted, px.")
+    max_render_s: float = Field(
+        default=600, gt=0, description="Longest audio one Render call takes, s."
+    )
     max_pixels: int = Field(
         default=16_000_000, ge=10_000, description="Largest image accepted, pixels."
     )

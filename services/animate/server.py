@@ -1,19 +1,32 @@
-"""AnimateService, first part: avatars (CreateAvatar, GetAvatar, ListAvatars,
-DeleteAvatar). Animate and Render are not implemented yet: they answer
-UNIMPLEMENTED (grpc's default) until they are."""
+"""AnimateService: avatars (CreateAvatar, Get/List/Delete), live animation
+(Animate: audio chunks in, frames out) and mp4 rendering (Render), with the
+embedded animator. Long audio is not yet cut into segments, and the Wav2Lip
+backend is not built."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import math
+from collections.abc import AsyncIterator, Callable
 
+import av
+import cv2
+import numpy as np
 from grpc import aio
 
+from services.animate.animator import SAMPLE_RATE_HZ, PortraitAnimator
 from services.animate.avatars import AvatarRecord, AvatarStore
 from services.animate.config import AnimateSettings
 from services.animate.portrait import Check, PortraitAnalyzer, PortraitLimits
-from services.common.errors import InvalidInput
+from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
+from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, run_program
 from talker.v1 import animate_pb2, animate_pb2_grpc
+
+MIN_FPS, MAX_FPS = 5, 60
+MP4_CHUNK_BYTES = 256 * 1024
+AAC_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
 
 SEVERITIES = {
     "info": animate_pb2.CHECK_SEVERITY_INFO,
@@ -71,6 +84,120 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         record = await asyncio.to_thread(self.engine.store.add, rgb, display_name, report)
         return animate_pb2.CreateAvatarResponse(avatar=avatar_message(record))
 
+    def _animator(self, avatar_id: str, fps: int) -> PortraitAnimator:
+        record = self.engine.store.get(avatar_id)
+        portrait = self.engine.store.portrait(record.avatar_id)
+        # Even sides: H.264 with yuv420p needs them.
+        height, width = portrait.shape[:2]
+        portrait = np.ascontiguousarray(portrait[: height - height % 2, : width - width % 2])
+        return PortraitAnimator(portrait, record.landmarks, fps)
+
+    async def Animate(
+        self,
+        request_iterator: AsyncIterator[animate_pb2.AnimateRequest],
+        context: aio.ServicerContext,
+    ) -> AsyncIterator[animate_pb2.AnimateResponse]:
+        animator = None
+        layout = None
+        resampler = None
+        encoding = animate_pb2.FRAME_ENCODING_JPEG
+        quality = 85
+        chunk_index = 0
+        async for message in request_iterator:
+            which = message.WhichOneof("request")
+            if animator is None:
+                if which != "config":
+                    raise InvalidInput(
+                        f"The first message of Animate must carry `config`; it carried {which or 'nothing'}."
+                    )
+                config = message.config
+                fps = check_fps(config.fps)
+                layout = raw_layout(
+                    config.format.encoding, config.format.sample_rate_hz, config.format.channels
+                )
+                encoding = config.frame_encoding or animate_pb2.FRAME_ENCODING_JPEG
+                quality = config.jpeg_quality or 85
+                if not 1 <= quality <= 100:
+                    raise InvalidInput(
+                        f"jpeg_quality is {config.jpeg_quality}; use 1 to 100 (0 = 85)."
+                    )
+                animator = await asyncio.to_thread(self._animator, config.avatar_id, fps)
+                resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
+                continue
+            if which != "audio":
+                raise InvalidInput("Only the first message may carry config; send audio after it.")
+            chunk_index += 1
+            assert layout is not None and resampler is not None
+            samples = resampler.process(
+                decode_pcm(message.audio, layout, f"audio chunk {chunk_index}")
+            )
+            frames = await asyncio.to_thread(_render, animator, samples, False, encoding, quality)
+            for frame in frames:
+                yield animate_pb2.AnimateResponse(frame=frame)
+        if animator is None:
+            raise InvalidInput("The stream ended before its first message (the config).")
+        assert resampler is not None
+        tail = resampler.process(np.zeros(0, np.float32), last=True)
+        for frame in await asyncio.to_thread(_render, animator, tail, True, encoding, quality):
+            yield animate_pb2.AnimateResponse(frame=frame)
+
+    async def Render(
+        self, request: animate_pb2.RenderRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[animate_pb2.RenderResponse]:
+        fps = check_fps(request.fps)
+        fmt = request.format
+        audio, rate = decode_clip(request.audio, fmt.encoding, fmt.sample_rate_hz, fmt.channels)
+        if len(audio) / rate > self.engine.settings.max_render_s:
+            raise LimitExceeded(
+                f"The audio is {len(audio) / rate:.0f} s long; Render takes at most "
+                f"{self.engine.settings.max_render_s:.0f} s."
+            )
+        animator = await asyncio.to_thread(self._animator, request.avatar_id, fps)
+        if rate not in AAC_RATES:
+            audio, rate = resample(audio, rate, 48_000), 48_000
+        total = math.ceil(len(audio) / rate * fps)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        job = asyncio.ensure_future(
+            asyncio.to_thread(render_mp4, animator, audio, rate, fps, progress)
+        )
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        while (done := await queue.get()) is not None:
+            assert isinstance(done, int)
+            yield animate_pb2.RenderResponse(
+                progress=animate_pb2.RenderProgress(
+                    fraction=min(1.0, done / max(1, total)),
+                    frames_done=done,
+                    frames_total=total,
+                    stage="render",
+                )
+            )
+        mp4, frame_count = await job
+        for offset in range(0, len(mp4), MP4_CHUNK_BYTES):
+            yield animate_pb2.RenderResponse(
+                chunk=animate_pb2.Mp4Chunk(
+                    content=mp4[offset : offset + MP4_CHUNK_BYTES], offset_bytes=offset
+                )
+            )
+        height, width = animator.portrait.shape[:2]
+        yield animate_pb2.RenderResponse(
+            result=animate_pb2.RenderResult(
+                duration_ms=round(len(audio) / rate * 1000),
+                size_bytes=len(mp4),
+                video_codec="h264",
+                audio_codec="aac",
+                width=width,
+                height=height,
+                fps=fps,
+                frame_count=frame_count,
+                segment_count=1,
+            )
+        )
+
     async def GetAvatar(
         self, request: animate_pb2.GetAvatarRequest, context: aio.ServicerContext
     ) -> animate_pb2.GetAvatarResponse:
@@ -90,6 +217,80 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
     ) -> animate_pb2.DeleteAvatarResponse:
         await asyncio.to_thread(self.engine.store.delete, request.avatar_id)
         return animate_pb2.DeleteAvatarResponse()
+
+
+def check_fps(fps: int) -> int:
+    fps = fps or 25
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise InvalidInput(f"fps is {fps}; use {MIN_FPS} to {MAX_FPS} (0 = 25).")
+    return fps
+
+
+def _render(
+    animator: PortraitAnimator, samples: np.ndarray, final: bool, encoding: int, quality: int
+) -> list[animate_pb2.VideoFrame]:
+    frames = []
+    for index, rgb, _openness in animator.frames_for(samples, final=final):
+        height, width = rgb.shape[:2]
+        if encoding == animate_pb2.FRAME_ENCODING_RGB24:
+            image = rgb.tobytes()
+        else:
+            image = cv2.imencode(
+                ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+            )[1].tobytes()
+        frames.append(
+            animate_pb2.VideoFrame(
+                image=image,
+                width=width,
+                height=height,
+                encoding=encoding,
+                frame_index=index,
+                timestamp_ms=round(index * 1000 / animator.fps),
+            )
+        )
+    return frames
+
+
+def render_mp4(
+    animator: PortraitAnimator,
+    audio: np.ndarray,
+    rate: int,
+    fps: int,
+    progress: Callable[[int], None],
+) -> tuple[bytes, int]:
+    """H.264 + AAC mp4 in memory (no temp file); returns (bytes, frame count)."""
+    output = io.BytesIO()
+    height, width = animator.portrait.shape[:2]
+    audio16 = resample(audio, rate, SAMPLE_RATE_HZ)
+    with av.open(output, "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "crf": "23"}
+        sound = container.add_stream("aac", rate=rate)
+        sound.layout = "mono"
+        count = 0
+        for _index, rgb, _openness in animator.frames_for(audio16, final=True):
+            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+            count += 1
+            if count % 25 == 0:
+                progress(count)
+        for packet in video.encode():
+            container.mux(packet)
+        pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        step = 1024
+        for start in range(0, len(pcm), step):
+            frame = av.AudioFrame.from_ndarray(
+                pcm[None, start : start + step], format="s16", layout="mono"
+            )
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in sound.encode(frame):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    progress(count)
+    return output.getvalue(), count
 
 
 def check_message(check: Check) -> animate_pb2.PortraitCheck:
