@@ -1,12 +1,13 @@
 """AnimateService: avatars (CreateAvatar, Get/List/Delete), live animation
 (Animate: audio chunks in, frames out) and mp4 rendering (Render), with the
-embedded animator. Long audio is not yet cut into segments, and the Wav2Lip
-backend is not built."""
+embedded animator. Audio over 60 s is rendered in 30-50 s segments cut at
+silences and joined without re-encoding. The Wav2Lip backend is not built."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -176,7 +177,7 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
                     stage="render",
                 )
             )
-        mp4, frame_count = await job
+        mp4, frame_count, segment_count = await job
         for offset in range(0, len(mp4), MP4_CHUNK_BYTES):
             yield animate_pb2.RenderResponse(
                 chunk=animate_pb2.Mp4Chunk(
@@ -194,7 +195,7 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
                 height=height,
                 fps=fps,
                 frame_count=frame_count,
-                segment_count=1,
+                segment_count=segment_count,
             )
         )
 
@@ -251,37 +252,92 @@ def _render(
     return frames
 
 
+SEGMENT_OVER_S = 60.0  # longer audio is rendered in segments
+SEGMENT_TARGET_S = (30.0, 50.0)  # each cut lands in the quietest spot of this window
+
+
+def segment_cuts(audio: np.ndarray, rate: int, fps: int) -> list[int]:
+    """Sample offsets that cut `audio` into 30-50 s segments at its quietest
+    moments, each on a frame boundary; [0, len] when it is short."""
+    hop = rate // fps  # AAC rates / common fps divide evenly (16000/25 = 640)
+    cuts = [0]
+    if len(audio) / rate > SEGMENT_OVER_S:
+        window = int(0.1 * rate)
+        while len(audio) - cuts[-1] > SEGMENT_TARGET_S[1] * rate:
+            lo = cuts[-1] + int(SEGMENT_TARGET_S[0] * rate)
+            hi = cuts[-1] + int(SEGMENT_TARGET_S[1] * rate)
+            stretch = audio[lo:hi]
+            energy = np.convolve(stretch**2, np.ones(window) / window, mode="same")
+            quietest = lo + int(np.argmin(energy[window:-window])) + window
+            cuts.append(quietest // hop * hop)
+    return [*cuts, len(audio)]
+
+
+def _encode_video(
+    animator: PortraitAnimator,
+    audio16: np.ndarray,
+    final: bool,
+    fps: int,
+    progress: Callable[[int], None],
+) -> tuple[bytes, int]:
+    output = io.BytesIO()
+    height, width = animator.portrait.shape[:2]
+    count = 0
+    with av.open(output, "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "crf": "23"}
+        for index, rgb, _openness in animator.frames_for(audio16, final=final):
+            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+            count += 1
+            if index % 25 == 0:
+                progress(index + 1)
+        for packet in video.encode():
+            container.mux(packet)
+    return output.getvalue(), count
+
+
 def render_mp4(
     animator: PortraitAnimator,
     audio: np.ndarray,
     rate: int,
     fps: int,
     progress: Callable[[int], None],
-) -> tuple[bytes, int]:
-    """H.264 + AAC mp4 in memory (no temp file); returns (bytes, frame count)."""
+) -> tuple[bytes, int, int]:
+    """H.264 + AAC mp4 in memory (no temp file). The video is rendered in
+    segments of 30-50 s cut at silences and joined by copying packets (no
+    re-encoding); the audio is encoded once for the whole clip, so joins add
+    no AAC priming gaps. Returns (bytes, frame count, segment count)."""
+    cuts = segment_cuts(audio, rate, fps)
+    segments = []
+    for number, (start, stop) in enumerate(itertools.pairwise(cuts)):
+        piece16 = resample(audio[start:stop], rate, SAMPLE_RATE_HZ)
+        segments.append(_encode_video(animator, piece16, number == len(cuts) - 2, fps, progress))
     output = io.BytesIO()
-    height, width = animator.portrait.shape[:2]
-    audio16 = resample(audio, rate, SAMPLE_RATE_HZ)
+    frames = 0
     with av.open(output, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "23"}
+        with av.open(io.BytesIO(segments[0][0])) as first:
+            video = container.add_stream_from_template(first.streams.video[0])
         sound = container.add_stream("aac", rate=rate)
         sound.layout = "mono"
-        count = 0
-        for _index, rgb, _openness in animator.frames_for(audio16, final=True):
-            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-            count += 1
-            if count % 25 == 0:
-                progress(count)
-        for packet in video.encode():
-            container.mux(packet)
+        for data, count in segments:
+            with av.open(io.BytesIO(data), "r") as segment:
+                source = segment.streams.video[0]
+                assert source.time_base is not None
+                offset = int(frames / fps / source.time_base)
+                for packet in segment.demux(source):
+                    if packet.dts is None or packet.pts is None:
+                        continue  # the demuxer's end-of-stream marker
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = video
+                    container.mux(packet)
+            frames += count
         pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        step = 1024
-        for start in range(0, len(pcm), step):
+        for start in range(0, len(pcm), 1024):
             frame = av.AudioFrame.from_ndarray(
-                pcm[None, start : start + step], format="s16", layout="mono"
+                pcm[None, start : start + 1024], format="s16", layout="mono"
             )
             frame.sample_rate = rate
             frame.pts = start
@@ -289,8 +345,8 @@ def render_mp4(
                 container.mux(packet)
         for packet in sound.encode():
             container.mux(packet)
-    progress(count)
-    return output.getvalue(), count
+    progress(frames)
+    return output.getvalue(), frames, len(segments)
 
 
 def check_message(check: Check) -> animate_pb2.PortraitCheck:
