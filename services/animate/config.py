@@ -26,6 +26,11 @@ class AnimateSettings(ServiceSettings):
     )
     min_side_px: int = Field(default=256, ge=64, description="Shortest image side accepted, px.")
     min_face_px: int = Field(default=60, ge=16, description="Narrowest face accepted, px.")
+    wav2lip_checkpoint: str = Field(
+        default="",
+        description="Path of a Wav2Lip checkpoint (wav2lip.pth / wav2lip_gan.pth; non-commercial "
+        "license, none ships). Set: Animate and Render use Wav2Lip instead of the embedded animator.",
+    )
     max_render_s: float = Field(
         default=600, gt=0, description="Longest audio one Render call takes, s."
     )

@@ -1,7 +1,8 @@
 """AnimateService: avatars (CreateAvatar, Get/List/Delete), live animation
 (Animate: audio chunks in, frames out) and mp4 rendering (Render), with the
-embedded animator. Audio over 60 s is rendered in 30-50 s segments cut at
-silences and joined without re-encoding. The Wav2Lip backend is not built."""
+embedded animator or, when a checkpoint is configured, Wav2Lip. Audio over
+60 s is rendered in 30-50 s segments cut at silences and joined without
+re-encoding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import av
 import cv2
@@ -20,6 +22,7 @@ from services.animate.animator import SAMPLE_RATE_HZ, PortraitAnimator
 from services.animate.avatars import AvatarRecord, AvatarStore
 from services.animate.config import AnimateSettings
 from services.animate.portrait import Check, PortraitAnalyzer, PortraitLimits
+from services.animate.wav2lip import Wav2Lip, Wav2LipAnimator, load_wav2lip
 from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
 from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, run_program
@@ -43,6 +46,7 @@ class AnimateEngine:
         self.settings = settings
         self.store = AvatarStore(settings.avatars_dir)
         self.analyzer: PortraitAnalyzer | None = None
+        self.wav2lip: Wav2Lip | None = None
 
     def load(self) -> None:
         limits = PortraitLimits(
@@ -53,6 +57,8 @@ class AnimateEngine:
         )
         self.analyzer = PortraitAnalyzer(limits)
         self.store.load()
+        if self.settings.wav2lip_checkpoint:
+            self.wav2lip = load_wav2lip(Path(self.settings.wav2lip_checkpoint).expanduser())
 
 
 class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
@@ -85,12 +91,14 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         record = await asyncio.to_thread(self.engine.store.add, rgb, display_name, report)
         return animate_pb2.CreateAvatarResponse(avatar=avatar_message(record))
 
-    def _animator(self, avatar_id: str, fps: int) -> PortraitAnimator:
+    def _animator(self, avatar_id: str, fps: int) -> PortraitAnimator | Wav2LipAnimator:
         record = self.engine.store.get(avatar_id)
         portrait = self.engine.store.portrait(record.avatar_id)
         # Even sides: H.264 with yuv420p needs them.
         height, width = portrait.shape[:2]
         portrait = np.ascontiguousarray(portrait[: height - height % 2, : width - width % 2])
+        if self.engine.wav2lip is not None:
+            return Wav2LipAnimator(self.engine.wav2lip, portrait, tuple(record.face_box), fps)  # type: ignore[arg-type]
         return PortraitAnimator(portrait, record.landmarks, fps)
 
     async def Animate(
@@ -228,7 +236,11 @@ def check_fps(fps: int) -> int:
 
 
 def _render(
-    animator: PortraitAnimator, samples: np.ndarray, final: bool, encoding: int, quality: int
+    animator: PortraitAnimator | Wav2LipAnimator,
+    samples: np.ndarray,
+    final: bool,
+    encoding: int,
+    quality: int,
 ) -> list[animate_pb2.VideoFrame]:
     frames = []
     for index, rgb, _openness in animator.frames_for(samples, final=final):
@@ -274,7 +286,7 @@ def segment_cuts(audio: np.ndarray, rate: int, fps: int) -> list[int]:
 
 
 def _encode_video(
-    animator: PortraitAnimator,
+    animator: PortraitAnimator | Wav2LipAnimator,
     audio16: np.ndarray,
     final: bool,
     fps: int,
@@ -299,7 +311,7 @@ def _encode_video(
 
 
 def render_mp4(
-    animator: PortraitAnimator,
+    animator: PortraitAnimator | Wav2LipAnimator,
     audio: np.ndarray,
     rate: int,
     fps: int,
