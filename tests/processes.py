@@ -32,13 +32,15 @@ class Supervisor:
         self.var_dir = var_dir
         # Every program on free ports, so tests never clash with a `make run`.
         self.addresses: dict[str, str] = {}
+        self.metrics_ports: dict[str, int] = {}
         ports: dict[str, str] = {}
+        for program in [*PROGRAMS, "watchdog"]:
+            self.metrics_ports[program] = free_port()
+            ports[f"TALKER_{program.upper()}_METRICS_PORT"] = str(self.metrics_ports[program])
         for program in PROGRAMS:
             port = free_port()
             self.addresses[program] = f"127.0.0.1:{port}"
             ports[f"TALKER_{program.upper()}_PORT"] = str(port)
-            ports[f"TALKER_{program.upper()}_METRICS_PORT"] = str(free_port())
-        ports["TALKER_WATCHDOG_METRICS_PORT"] = str(free_port())
         self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **ports, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
