@@ -16,8 +16,9 @@ from services.chat.config import ChatSettings
 from services.chat.engine import ChatModel, GenerationParams, GenerationRun
 from services.chat.guard import Guard
 from services.chat.sentences import SentenceSplitter
-from services.chat.sessions import Message, Session, SessionStore, check_id
+from services.chat.sessions import Message, Session, SessionStore
 from services.common.errors import InvalidInput, LimitExceeded, NotFound
+from services.common.ids import check_id
 from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
 from talker.v1 import chat_pb2, chat_pb2_grpc

@@ -4,24 +4,11 @@ when idle, and their number is capped."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidInput, LimitExceeded
-
-_VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def check_id(value: str, what: str, allow_empty: bool = False) -> str:
-    if allow_empty and value == "":
-        return value
-    if not _VALID_ID.match(value):
-        raise InvalidInput(
-            f"{what} {value[:80]!r} is not valid: use 1 to 64 letters, digits, '-' or '_'."
-        )
-    return value
+from services.common.errors import LimitExceeded
 
 
 @dataclass
