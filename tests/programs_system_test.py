@@ -17,6 +17,7 @@ SERVICES = {
     "chat": "talker.v1.ChatService",
     "synthesize": "talker.v1.SynthesizeService",
     "animate": "talker.v1.AnimateService",
+    "gateway": "talker.v1.TalkerService",
 }
 
 

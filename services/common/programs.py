@@ -13,6 +13,8 @@ PROGRAMS: dict[str, str] = {
     "chat": "services.chat.config:ChatSettings",
     "synthesize": "services.synthesize.config:SynthesizeSettings",
     "animate": "services.animate.config:AnimateSettings",
+    # Last: it waits for the four above before it reports SERVING.
+    "gateway": "gateway.config:GatewaySettings",
 }
 
 

@@ -9,10 +9,11 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -54,6 +55,9 @@ class GrpcProgram:
         add_servicers: Callable[[aio.Server], None],
         load: Callable[[], None],
         engine: object = None,
+        interceptors: Sequence[aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         #: The model object behind the servicer, for benchmarks and tests to compare against.
@@ -61,6 +65,10 @@ class GrpcProgram:
         self.service_names = list(service_names)
         self._add_servicers = add_servicers
         self._load = load
+        # Run inside the observing interceptor, so they see the trace id and are counted.
+        self._interceptors = list(interceptors)
+        self._credentials = credentials
+        self._on_stop = on_stop
         self._ready = False
         self._conditions: set[str] = set()
         self._memory_task: asyncio.Task[None] | None = None
@@ -124,7 +132,10 @@ class GrpcProgram:
         # small for many live streams that each hand every chunk to a thread.
         loop.set_default_executor(ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + 8))
         self.server = aio.server(
-            interceptors=[ObservingInterceptor(settings.program, lambda: self._ready)],
+            interceptors=[
+                ObservingInterceptor(settings.program, lambda: self._ready),
+                *self._interceptors,
+            ],
             options=channel_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -134,7 +145,11 @@ class GrpcProgram:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self.server.start()
         self.metrics_port = metrics.start_metrics_endpoint(settings.host, settings.metrics_port)
         log.info(
@@ -170,6 +185,8 @@ class GrpcProgram:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         await self.server.stop(grace)
+        if self._on_stop is not None:
+            await self._on_stop()
         log.info("stopped", extra={"grace_s": grace})
 
     async def run_until_terminated(self) -> None:

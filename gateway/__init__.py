@@ -1,0 +1,1 @@
+"""The gateway: the public TalkerService that chains ASR, Chat, Synthesize and Animate."""

@@ -1,0 +1,220 @@
+"""A Converse call: device audio flows to ASR as it arrives; each final
+transcript starts a turn; a new utterance (ASR's speech-started event) or a
+typed turn cuts the turn in progress (barge-in) by cancelling its downstream
+calls, which stops chat generation within a token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from gateway.downstream import Stages
+from gateway.turns import Turn
+from services.common.audio import raw_layout
+from services.common.errors import InvalidInput, LimitExceeded
+from talker.v1 import asr_pb2, talker_pb2
+
+log = logging.getLogger("talker.gateway.converse")
+
+_END = object()
+# Microphone audio waiting for ASR; a device far ahead of ASR is slowed down
+# (gRPC flow control) instead of filling the gateway's memory.
+AUDIO_BACKLOG_CHUNKS = 500
+
+RunTurn = Callable[[Turn], Coroutine[Any, Any, None]]
+Interrupted = Callable[[Turn], Awaitable[None]]
+
+
+class Conversation:
+    def __init__(
+        self,
+        stages: Stages,
+        config: talker_pb2.ConverseConfig,
+        session_id: str,
+        trace_id: str,
+        run_turn: RunTurn,
+        interrupted: Interrupted,
+        max_text_chars: int,
+        max_call_s: float,
+    ) -> None:
+        self.stages = stages
+        self.config = config
+        self.session_id = session_id
+        self.trace_id = trace_id
+        self.run_turn = run_turn
+        self.interrupted = interrupted
+        self.max_text_chars = max_text_chars
+        self.max_call_s = max_call_s
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.next_turn = 0
+        self.current: tuple[Turn, asyncio.Task[None]] | None = None
+        self.end_of_utterance_at: float | None = None
+        self.layout = None
+        self.asr_input: asyncio.Queue[bytes | None] | None = None
+        if config.HasField("input_format") and config.input_format.encoding:
+            fmt = config.input_format
+            self.layout = raw_layout(fmt.encoding, fmt.sample_rate_hz, fmt.channels)
+            self.asr_input = asyncio.Queue(AUDIO_BACKLOG_CHUNKS)
+
+    async def emit(self, event: talker_pb2.ConverseEvent) -> None:
+        self.events.put_nowait(event)
+
+    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[talker_pb2.ConverseEvent]:
+        yield talker_pb2.ConverseEvent(
+            started=talker_pb2.ConverseStarted(session_id=self.session_id, trace_id=self.trace_id)
+        )
+        lifecycle = asyncio.create_task(self._lifecycle(requests))
+        try:
+            while (item := await self.events.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            lifecycle.cancel()
+            await asyncio.gather(lifecycle, return_exceptions=True)
+            await self._cancel_turn()
+
+    async def _lifecycle(self, requests: AsyncIterator[Any]) -> None:
+        reader = asyncio.create_task(self._read(requests))
+        hearing = asyncio.create_task(self._hear()) if self.asr_input is not None else None
+        try:
+            async with asyncio.timeout(self.max_call_s):
+                waiting = {reader} | ({hearing} if hearing else set())
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    reader.result()  # a bad request ends the call
+                    # Half-closed: ASR flushes what it heard; that may start a last turn.
+                    if hearing is not None:
+                        await self.asr_input.put(None)  # type: ignore[union-attr]
+                        await hearing
+                else:
+                    assert hearing is not None
+                    hearing.result()  # ASR failed, or its silence timeout ended the call
+                    reader.cancel()
+                if self.current is not None:
+                    await asyncio.gather(self.current[1], return_exceptions=True)
+        except TimeoutError:
+            self.events.put_nowait(
+                LimitExceeded(f"The conversation reached its limit of {self.max_call_s:.0f} s.")
+            )
+        except Exception as error:
+            self.events.put_nowait(error)
+        finally:
+            for task in (reader, hearing):
+                if task is not None:
+                    task.cancel()
+            self.events.put_nowait(_END)
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        async for message in requests:
+            which = message.WhichOneof("request")
+            if which == "audio":
+                if self.asr_input is None or self.layout is None:
+                    raise InvalidInput(
+                        "Audio arrived but the config has no input_format: set its encoding "
+                        "(PCM_S16LE or PCM_F32LE) and sample_rate_hz."
+                    )
+                if len(message.audio) % self.layout.bytes_per_frame:
+                    raise InvalidInput(
+                        f"An audio chunk has {len(message.audio)} bytes, not a whole number "
+                        f"of {self.layout.bytes_per_frame}-byte frames of the input_format."
+                    )
+                await self.asr_input.put(message.audio)
+            elif which == "text":
+                text = message.text.strip()
+                if not text:
+                    raise InvalidInput("A text turn is empty: send what the user typed.")
+                if len(text) > self.max_text_chars:
+                    raise LimitExceeded(
+                        f"A text turn has {len(text)} characters; at most "
+                        f"{self.max_text_chars} are accepted."
+                    )
+                await self.start_turn(text, time.perf_counter())
+            elif which == "config":
+                raise InvalidInput("config may be sent only once, as the first message.")
+            else:
+                raise InvalidInput("A message carried nothing: send audio or text.")
+
+    async def _hear(self) -> None:
+        assert self.asr_input is not None
+        config = self.config
+        asr_input = self.asr_input
+        language = "" if config.language in ("", "auto") else config.language
+
+        async def requests() -> AsyncIterator[asr_pb2.StreamingRecognizeRequest]:
+            yield asr_pb2.StreamingRecognizeRequest(
+                config=asr_pb2.StreamingRecognitionConfig(
+                    format=config.input_format,
+                    config=asr_pb2.RecognitionConfig(language=language),
+                    interim_results=config.interim_results,
+                    end_of_utterance_silence_ms=config.end_of_utterance_silence_ms,
+                    silence_timeout_s=config.silence_timeout_s,
+                )
+            )
+            while (chunk := await asr_input.get()) is not None:
+                yield asr_pb2.StreamingRecognizeRequest(audio=chunk)
+
+        stub = self.stages.asr_stub
+        async for response in self.stages.asr.bidi(
+            stub.StreamingRecognize, requests(), self.max_call_s
+        ):
+            if response.WhichOneof("response") == "event":
+                kind = response.event.type
+                if kind == asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED:
+                    await self.interrupt()  # barge-in: the user talks over the reply
+                elif kind == asr_pb2.SPEECH_EVENT_TYPE_END_OF_UTTERANCE:
+                    self.end_of_utterance_at = time.perf_counter()
+                await self.emit(
+                    talker_pb2.ConverseEvent(turn_index=self.next_turn, speech=response.event)
+                )
+                continue
+            result = response.result
+            await self.emit(talker_pb2.ConverseEvent(turn_index=self.next_turn, transcript=result))
+            if result.is_final and result.text.strip():
+                started = self.end_of_utterance_at or time.perf_counter()
+                self.end_of_utterance_at = None
+                await self.start_turn(result.text.strip(), started, result.language, heard=True)
+
+    async def start_turn(
+        self, text: str, started: float, language: str = "", heard: bool = False
+    ) -> None:
+        await self.interrupt()
+        turn = Turn(index=self.next_turn, started=started, user_text=text, language=language)
+        if heard:
+            turn.mark("asr_final_ms")
+        self.next_turn += 1
+        self.current = (turn, asyncio.create_task(self.run_turn(turn)))
+
+    async def interrupt(self) -> None:
+        """Cuts the reply in progress, if any, and reports what was sent of it."""
+        if self.current is None:
+            return
+        turn, task = self.current
+        self.current = None
+        if task.done():
+            return
+        await self._cancel(task)
+        log.info(
+            "reply interrupted",
+            extra={"turn_index": turn.index, "audio_sent_ms": turn.audio_ms},
+        )
+        await self.emit(
+            turn.event(
+                interrupted=talker_pb2.TurnInterrupted(
+                    audio_sent_ms=turn.audio_ms, text_sent=turn.reply_text
+                )
+            )
+        )
+        await self.interrupted(turn)
+
+    async def _cancel_turn(self) -> None:
+        if self.current is not None:
+            await self._cancel(self.current[1])
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,480 @@
+"""TalkerService: the public entry point. Validates a call, then runs its
+turns through the four stages (gateway/turns.py), archives each turn, and
+reports every failure as a status or event naming the stage that failed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from grpc import aio
+from grpc_health.v1 import health_pb2
+
+from gateway.access import ApiKeyInterceptor, server_credentials
+from gateway.archive import Archive, Archivist
+from gateway.config import GatewaySettings
+from gateway.conversation import Conversation
+from gateway.downstream import LABELS, Stage, StageFailure, Stages
+from gateway.turns import Reply, ReplyOptions, Turn
+from services.common.audio import decode_clip
+from services.common.errors import InvalidInput, LimitExceeded, TalkerError
+from services.common.ids import check_id
+from services.common.runtime import GrpcProgram, run_program
+from services.common.tracing import current_trace_id
+from talker.v1 import (
+    animate_pb2,
+    asr_pb2,
+    audio_pb2,
+    chat_pb2,
+    synthesize_pb2,
+    talker_pb2,
+    talker_pb2_grpc,
+)
+
+log = logging.getLogger("talker.gateway")
+
+SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
+_END = object()
+
+
+class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
+    def __init__(self, settings: GatewaySettings, stages: Stages) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.archive = Archive(settings.archive_dir, settings.archive_retention_days)
+        self.archivist = Archivist(self.archive, settings.archive_media)
+
+    # ---- Ask ------------------------------------------------------------------
+    async def Ask(
+        self, request: talker_pb2.AskRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[talker_pb2.AskResponse]:
+        trace_id = current_trace_id.get()
+        user_id = check_id(request.user_id, "user_id", allow_empty=True)
+        scene = check_id(request.scene, "scene", allow_empty=True)
+        session_id = check_id(request.session_id, "session_id", allow_empty=True) or new_id()
+        options = reply_options(request, render_mp4=request.render_mp4)
+        which = request.WhichOneof("question")
+        if which is None:
+            raise InvalidInput("The question is missing: set `text` or `audio`.")
+        if which == "text":
+            text = request.text.strip()
+            if not text:
+                raise InvalidInput("The question text is empty.")
+            if len(text) > self.settings.max_question_chars:
+                raise LimitExceeded(
+                    f"The question has {len(text)} characters; at most "
+                    f"{self.settings.max_question_chars} are accepted."
+                )
+        else:
+            self._check_clip(request.audio)
+        await self._check_ids(options)
+        log.info(
+            "ask",
+            extra={"session_id": session_id, "user_id": user_id, "scene": scene, "question": which},
+        )
+        yield talker_pb2.AskResponse(
+            event=talker_pb2.ConverseEvent(
+                started=talker_pb2.ConverseStarted(session_id=session_id, trace_id=trace_id)
+            )
+        )
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        turn = Turn(index=0)
+
+        async def emit(event: talker_pb2.ConverseEvent) -> None:
+            events.put_nowait(event)
+
+        async def ask() -> None:
+            try:
+                if which == "audio":
+                    await self._transcribe(request, turn, emit)
+                else:
+                    turn.user_text = request.text.strip()
+                await self._run_turn(
+                    turn, options, session_id, user_id, scene, trace_id, emit, end_on_error=True
+                )
+            except BaseException as error:
+                events.put_nowait(error)
+            finally:
+                events.put_nowait(_END)
+
+        task = asyncio.create_task(ask())
+        try:
+            while (item := await events.get()) is not _END:
+                if isinstance(item, StageFailure):
+                    await context.abort(item.code, str(item))
+                if isinstance(item, BaseException):
+                    raise item
+                yield talker_pb2.AskResponse(event=item)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _check_clip(self, clip: talker_pb2.AudioClip) -> None:
+        if not clip.audio:
+            raise InvalidInput("The question audio is empty.")
+        audio, rate = decode_clip(
+            clip.audio, clip.format.encoding, clip.format.sample_rate_hz, clip.format.channels
+        )
+        if len(audio) / rate > self.settings.max_clip_s:
+            raise LimitExceeded(
+                f"The question audio is {len(audio) / rate:.1f} s long; at most "
+                f"{self.settings.max_clip_s:.0f} s are accepted."
+            )
+
+    async def _transcribe(self, request: talker_pb2.AskRequest, turn: Turn, emit: Any) -> None:
+        language = "" if request.language in ("", "auto") else request.language
+        response = await self.stages.asr.unary(
+            self.stages.asr_stub.Recognize,
+            asr_pb2.RecognizeRequest(
+                format=request.audio.format,
+                audio=request.audio.audio,
+                config=asr_pb2.RecognitionConfig(language=language),
+            ),
+            self.settings.asr_timeout_s,
+        )
+        turn.mark("asr_final_ms")
+        turn.user_text = response.text.strip()
+        turn.language = response.language
+        await emit(
+            turn.event(
+                transcript=asr_pb2.StreamingRecognitionResult(
+                    text=response.text,
+                    is_final=True,
+                    language=response.language,
+                    end_ms=response.audio_duration_ms,
+                    segments=response.segments,
+                    stability=1.0,
+                )
+            )
+        )
+        if not turn.user_text:
+            raise InvalidInput("No speech was heard in the question audio.")
+
+    # ---- Converse ---------------------------------------------------------------
+    async def Converse(
+        self,
+        request_iterator: AsyncIterator[talker_pb2.ConverseRequest],
+        context: aio.ServicerContext,
+    ) -> AsyncIterator[talker_pb2.ConverseResponse]:
+        trace_id = current_trace_id.get()
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            raise InvalidInput("The stream ended before its first message (the config).") from None
+        if first.WhichOneof("request") != "config":
+            raise InvalidInput(
+                f"The first message of Converse must carry `config`; it carried "
+                f"{first.WhichOneof('request') or 'nothing'}."
+            )
+        config = first.config
+        user_id = check_id(config.user_id, "user_id", allow_empty=True)
+        scene = check_id(config.scene, "scene", allow_empty=True)
+        session_id = check_id(config.session_id, "session_id", allow_empty=True) or new_id()
+        options = reply_options(config)
+        await self._check_ids(options)
+
+        async def run_turn(turn: Turn) -> None:
+            await self._run_turn(
+                turn, options, session_id, user_id, scene, trace_id, conversation.emit
+            )
+
+        async def interrupted(turn: Turn) -> None:
+            record = self._record(
+                turn, options, session_id, user_id, scene, trace_id, "interrupted"
+            )
+            await self.archivist.keep(record, user_id, scene)
+
+        conversation = Conversation(
+            self.stages,
+            config,
+            session_id,
+            trace_id,
+            run_turn,
+            interrupted,
+            self.settings.max_question_chars,
+            self.settings.converse_max_s,
+        )
+        log.info("converse", extra={"session_id": session_id, "user_id": user_id, "scene": scene})
+        try:
+            async for event in conversation.run(request_iterator):
+                yield talker_pb2.ConverseResponse(event=event)
+        except StageFailure as failure:
+            await context.abort(failure.code, str(failure))
+
+    # ---- a turn -----------------------------------------------------------------
+    async def _run_turn(
+        self,
+        turn: Turn,
+        options: ReplyOptions,
+        session_id: str,
+        user_id: str,
+        scene: str,
+        trace_id: str,
+        emit: Any,
+        end_on_error: bool = False,
+    ) -> None:
+        reply = Reply(self.stages, self.settings, options, session_id, user_id, turn, emit)
+        try:
+            await reply.run()
+        except (StageFailure, TalkerError) as error:
+            failure = as_stage_failure(error)
+            log.warning(
+                "turn failed",
+                extra={"turn_index": turn.index, "stage": failure.stage, "code": failure.code.name},
+            )
+            record = self._record(turn, options, session_id, user_id, scene, trace_id, "error")
+            record["error"] = {
+                "stage": failure.stage,
+                "code": failure.code.name,
+                "message": str(failure),
+            }
+            await self.archivist.keep(record, user_id, scene)
+            if end_on_error:
+                raise failure from None
+            await emit(turn.event(error=failure.turn_error(trace_id)))
+            return
+        turn.timings.total_ms = turn.elapsed_ms()
+        record = self._record(turn, options, session_id, user_id, scene, trace_id, "finished")
+        render = self._archive_renderer(options) if options.avatar_id else None
+        path = await self.archivist.keep(
+            record, user_id, scene, bytes(turn.audio), turn.audio_rate_hz, bytes(turn.mp4), render
+        )
+        finished = turn.finished or chat_pb2.ReplyFinished()
+        log.info(
+            "turn finished",
+            extra={
+                "turn_index": turn.index,
+                "timings": MessageToDict(turn.timings),
+                "reply_audio_ms": turn.audio_ms,
+                "frames": turn.frames,
+                "archive_path": path,
+            },
+        )
+        await emit(
+            turn.event(
+                turn_finished=talker_pb2.TurnFinished(
+                    trace_id=trace_id,
+                    user_text=turn.user_text,
+                    reply_text=finished.text or turn.reply_text,
+                    finish_reason=finished.finish_reason,
+                    usage=finished.usage,
+                    timings=turn.timings,
+                    reply_audio_ms=turn.audio_ms,
+                    archive_path=path,
+                    mp4=turn.render,
+                )
+            )
+        )
+
+    def _archive_renderer(self, options: ReplyOptions) -> Any:
+        async def render(audio: bytes, rate: int) -> bytes:
+            request = animate_pb2.RenderRequest(
+                avatar_id=options.avatar_id,
+                audio=audio,
+                format=audio_pb2.AudioFormat(
+                    encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=rate, channels=1
+                ),
+                fps=options.fps,
+            )
+            mp4 = bytearray()
+            async for response in self.stages.animate.stream(
+                self.stages.animate_stub.Render, request, self.settings.render_timeout_s
+            ):
+                if response.WhichOneof("response") == "chunk":
+                    mp4.extend(response.chunk.content)
+            return bytes(mp4)
+
+        return render
+
+    def _record(
+        self,
+        turn: Turn,
+        options: ReplyOptions,
+        session_id: str,
+        user_id: str,
+        scene: str,
+        trace_id: str,
+        status: str,
+    ) -> dict[str, Any]:
+        finished = turn.finished or chat_pb2.ReplyFinished()
+        return {
+            "trace_id": trace_id,
+            "status": status,
+            "created": datetime.now(UTC).isoformat(),
+            "session_id": session_id,
+            "user_id": user_id,
+            "scene": scene,
+            "turn_index": turn.index,
+            "user_text": turn.user_text,
+            "language": turn.language,
+            "reply_text": turn.reply_text,
+            "finish_reason": chat_pb2.FinishReason.Name(finished.finish_reason),
+            "usage": MessageToDict(finished.usage, preserving_proto_field_name=True),
+            "mode": talker_pb2.ReplyMode.Name(options.mode),
+            "voice_id": options.voice_id,
+            "avatar_id": options.avatar_id,
+            "reply_audio_ms": turn.audio_ms,
+            "reply_audio_rate_hz": turn.audio_rate_hz,
+            "video_frames": turn.frames,
+            "timings_ms": MessageToDict(
+                turn.timings,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            ),
+            "stages": {name: stage.address for name, stage in self.stages.by_name.items()},
+        }
+
+    async def _check_ids(self, options: ReplyOptions) -> None:
+        """Unknown voices and avatars fail the call at once with NOT_FOUND, not mid-reply."""
+        if options.voice_id and options.speaks:
+            await self.stages.synthesize.unary(
+                self.stages.synthesize_stub.GetVoice,
+                synthesize_pb2.GetVoiceRequest(voice_id=options.voice_id),
+                self.settings.asr_timeout_s,
+            )
+        if options.avatar_id and (options.live_video or options.render_mp4):
+            await self.stages.animate.unary(
+                self.stages.animate_stub.GetAvatar,
+                animate_pb2.GetAvatarRequest(avatar_id=options.avatar_id),
+                self.settings.asr_timeout_s,
+            )
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def as_stage_failure(error: Exception) -> StageFailure:
+    if isinstance(error, StageFailure):
+        return error
+    from services.common.errors import status_code_for
+
+    assert isinstance(error, TalkerError)
+    return StageFailure("gateway", status_code_for(error), str(error))
+
+
+MAX_FPS = 60
+MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000
+
+
+def reply_options(
+    request: talker_pb2.ConverseConfig | talker_pb2.AskRequest, render_mp4: bool = False
+) -> ReplyOptions:
+    """Checks the reply settings shared by ConverseConfig and AskRequest."""
+    mode = request.mode or talker_pb2.REPLY_MODE_AUDIO
+    if mode not in talker_pb2.ReplyMode.values():
+        raise InvalidInput(f"mode {mode} is not a ReplyMode; use TEXT, AUDIO or AUDIO_VIDEO.")
+    voice_id = request.voice_id
+    if voice_id:
+        check_id(voice_id, "voice_id")
+    avatar_id = request.avatar_id
+    if avatar_id:
+        check_id(avatar_id, "avatar_id")
+    if (mode == talker_pb2.REPLY_MODE_AUDIO_VIDEO or render_mp4) and not avatar_id:
+        raise InvalidInput(
+            "avatar_id is required to show video (REPLY_MODE_AUDIO_VIDEO or render_mp4): "
+            "create one with AnimateService.CreateAvatar."
+        )
+    rate = request.output_sample_rate_hz
+    if rate and not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
+        raise InvalidInput(
+            f"output_sample_rate_hz is {rate}; use {MIN_RATE_HZ} to {MAX_RATE_HZ} (0 = the voice's own)."
+        )
+    if request.fps > MAX_FPS:
+        raise InvalidInput(f"fps is {request.fps}; use 1 to {MAX_FPS} (0 = 25).")
+    if request.jpeg_quality > 100:
+        raise InvalidInput(f"jpeg_quality is {request.jpeg_quality}; use 1 to 100 (0 = default).")
+    return ReplyOptions(
+        mode=mode,
+        voice_id=voice_id,
+        avatar_id=avatar_id,
+        output_sample_rate_hz=rate,
+        frame_encoding=request.frame_encoding,
+        fps=request.fps or 25,
+        jpeg_quality=request.jpeg_quality,
+        sampling=request.sampling if request.HasField("sampling") else None,
+        render_mp4=render_mp4,
+    )
+
+
+def build_program(settings: GatewaySettings) -> GrpcProgram:
+    holder: dict[str, Any] = {}
+    all_serving = threading.Event()
+    pending: set[asyncio.Future[None]] = set()
+
+    def add_servicers(server: aio.Server) -> None:
+        # Called inside the running loop: channels and health watches live on it.
+        stages = Stages(settings)
+        holder["stages"] = stages
+        servicer = TalkerServicer(settings, stages)
+        holder["servicer"] = servicer
+        talker_pb2_grpc.add_TalkerServiceServicer_to_server(servicer, server)
+        stages.start_watching(lambda stage: on_change(stages, stage))
+        holder["sweeper"] = asyncio.create_task(sweep_archive(servicer.archive))
+
+    def on_change(stages: Stages, stage: Stage) -> None:
+        down = stages.down()
+        if not down:
+            all_serving.set()
+        if program.ready:
+            # The gateway itself stays SERVING (the watchdog must not restart it for
+            # another program's fault); its service name tells balancers which stage is out.
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if down
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            task = asyncio.ensure_future(program.health.set(SERVICE_NAME, status))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            if down:
+                log.warning(
+                    "a stage is down",
+                    extra={"down": down, "stages": {n: LABELS[n] for n in down}},
+                )
+
+    def load() -> None:
+        # SERVING only once every stage is: that is the start order, without sleeps.
+        while not all_serving.wait(5.0):
+            log.info("waiting for stages", extra={"down": holder["stages"].down()})
+
+    async def on_stop() -> None:
+        holder["sweeper"].cancel()
+        await holder["servicer"].archivist.drain()
+        await holder["stages"].close()
+
+    program = GrpcProgram(
+        settings,
+        [SERVICE_NAME],
+        add_servicers,
+        load,
+        interceptors=[ApiKeyInterceptor(settings.accepted_keys())],
+        credentials=server_credentials(settings),
+        on_stop=on_stop,
+    )
+    return program
+
+
+ARCHIVE_SWEEP_INTERVAL_S = 3600.0
+
+
+async def sweep_archive(archive: Archive) -> None:
+    """Retention and crash leftovers, at start and then hourly."""
+    while True:
+        removed = await asyncio.to_thread(archive.sweep)
+        log.info("archive swept", extra={"folders_removed": removed})
+        await asyncio.sleep(ARCHIVE_SWEEP_INTERVAL_S)
+
+
+def main() -> None:
+    run_program(GatewaySettings, build_program)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""One turn's reply, pipelined: chat text streams out as it is generated; each
+complete sentence goes to speech synthesis while the next is still being
+written; each audio chunk goes to animation as soon as it exists. Every piece
+is sent to the client the moment it is made, through `emit`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import GatewaySettings
+from gateway.downstream import Stages
+from talker.v1 import animate_pb2, audio_pb2, chat_pb2, synthesize_pb2, talker_pb2
+
+Emit = Callable[[talker_pb2.ConverseEvent], Awaitable[None]]
+AUDIO_MODES = (talker_pb2.REPLY_MODE_AUDIO, talker_pb2.REPLY_MODE_AUDIO_VIDEO)
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """How a reply is made; checked before a turn starts."""
+
+    mode: int
+    voice_id: str
+    avatar_id: str
+    output_sample_rate_hz: int
+    frame_encoding: int
+    fps: int
+    jpeg_quality: int
+    sampling: chat_pb2.SamplingParams | None
+    render_mp4: bool = False
+
+    @property
+    def speaks(self) -> bool:
+        return self.mode in AUDIO_MODES or self.render_mp4
+
+    @property
+    def live_video(self) -> bool:
+        return self.mode == talker_pb2.REPLY_MODE_AUDIO_VIDEO and not self.render_mp4
+
+
+@dataclass
+class Turn:
+    """What one turn has produced so far (also what an interrupted turn reports)."""
+
+    index: int
+    started: float = field(default_factory=time.perf_counter)
+    user_text: str = ""
+    language: str = ""
+    reply_parts: list[str] = field(default_factory=list)
+    finished: chat_pb2.ReplyFinished | None = None
+    audio: bytearray = field(default_factory=bytearray)
+    audio_rate_hz: int = 0
+    frames: int = 0
+    mp4: bytearray = field(default_factory=bytearray)
+    render: animate_pb2.RenderResult | None = None
+    timings: talker_pb2.TurnTimings = field(default_factory=talker_pb2.TurnTimings)
+
+    def mark(self, milestone: str) -> None:
+        """Records the first time a milestone is reached, in ms since the turn started."""
+        if not getattr(self.timings, milestone):
+            setattr(self.timings, milestone, max(1, self.elapsed_ms()))
+
+    def elapsed_ms(self) -> int:
+        return round((time.perf_counter() - self.started) * 1000)
+
+    @property
+    def reply_text(self) -> str:
+        return self.finished.text if self.finished is not None else "".join(self.reply_parts)
+
+    @property
+    def audio_ms(self) -> int:
+        return len(self.audio) // 2 * 1000 // self.audio_rate_hz if self.audio_rate_hz else 0
+
+    def event(self, **kind: Any) -> talker_pb2.ConverseEvent:
+        return talker_pb2.ConverseEvent(turn_index=self.index, **kind)
+
+
+class Reply:
+    """Makes the reply of `turn` to `turn.user_text` and emits it."""
+
+    def __init__(
+        self,
+        stages: Stages,
+        settings: GatewaySettings,
+        options: ReplyOptions,
+        session_id: str,
+        user_id: str,
+        turn: Turn,
+        emit: Emit,
+    ) -> None:
+        self.stages = stages
+        self.settings = settings
+        self.options = options
+        self.session_id = session_id
+        self.user_id = user_id
+        self.turn = turn
+        self.emit = emit
+
+    async def run(self) -> None:
+        sentences: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        chunks: asyncio.Queue[synthesize_pb2.AudioChunk | None] = asyncio.Queue()
+        work = [self._think(sentences if self.options.speaks else None)]
+        if self.options.speaks:
+            work.append(self._speak(sentences, chunks if self.options.live_video else None))
+        if self.options.live_video:
+            work.append(self._animate(chunks))
+        await _all_or_none(work)
+        if self.options.render_mp4 and self.turn.audio:
+            await self._render()
+
+    async def _think(self, sentences: asyncio.Queue[tuple[int, str] | None] | None) -> None:
+        turn = self.turn
+        request = chat_pb2.ChatRequest(
+            session_id=self.session_id,
+            text=turn.user_text,
+            user_id=self.user_id,
+            sampling=self.options.sampling,
+        )
+        stub = self.stages.chat_stub
+        try:
+            async for response in self.stages.chat.stream(
+                stub.Chat, request, self.settings.chat_timeout_s
+            ):
+                which = response.WhichOneof("response")
+                if which == "delta":
+                    turn.mark("first_token_ms")
+                    turn.reply_parts.append(response.delta.text)
+                    await self.emit(turn.event(reply_delta=response.delta))
+                elif which == "sentence":
+                    turn.mark("first_sentence_ms")
+                    await self.emit(turn.event(reply_sentence=response.sentence))
+                    if sentences is not None:
+                        sentences.put_nowait(
+                            (response.sentence.sentence_index, response.sentence.text)
+                        )
+                elif which == "finished":
+                    turn.finished = response.finished
+        finally:
+            if sentences is not None:
+                sentences.put_nowait(None)
+
+    async def _speak(
+        self,
+        sentences: asyncio.Queue[tuple[int, str] | None],
+        chunks: asyncio.Queue[synthesize_pb2.AudioChunk | None] | None,
+    ) -> None:
+        turn = self.turn
+        stub = self.stages.synthesize_stub
+        try:
+            while (item := await sentences.get()) is not None:
+                index, text = item
+                request = synthesize_pb2.SynthesizeRequest(
+                    text=text,
+                    voice_id=self.options.voice_id,
+                    output_format=audio_pb2.AudioFormat(
+                        encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE,
+                        sample_rate_hz=self.options.output_sample_rate_hz,
+                        channels=1,
+                    ),
+                )
+                async for response in self.stages.synthesize.stream(
+                    stub.Synthesize, request, self.settings.synthesize_timeout_s
+                ):
+                    if response.WhichOneof("response") != "chunk":
+                        continue
+                    chunk = response.chunk
+                    rate = chunk.format.sample_rate_hz
+                    turn.audio_rate_hz = turn.audio_rate_hz or rate
+                    offset = len(turn.audio) // 2
+                    rebased = synthesize_pb2.AudioChunk(
+                        audio=chunk.audio,
+                        format=chunk.format,
+                        offset_samples=offset,
+                        offset_ms=offset * 1000 // rate,
+                        duration_ms=chunk.duration_ms,
+                        sentence_index=index,
+                    )
+                    turn.audio.extend(chunk.audio)
+                    turn.mark("first_audio_ms")
+                    await self.emit(turn.event(reply_audio=rebased))
+                    if chunks is not None:
+                        chunks.put_nowait(rebased)
+        finally:
+            if chunks is not None:
+                chunks.put_nowait(None)
+
+    async def _animate(self, chunks: asyncio.Queue[synthesize_pb2.AudioChunk | None]) -> None:
+        first = await chunks.get()
+        if first is None:
+            return  # nothing was said, so there is nothing to show
+        options = self.options
+
+        async def requests() -> AsyncIterator[animate_pb2.AnimateRequest]:
+            yield animate_pb2.AnimateRequest(
+                config=animate_pb2.AnimateConfig(
+                    avatar_id=options.avatar_id,
+                    format=first.format,
+                    fps=options.fps,
+                    frame_encoding=options.frame_encoding,
+                    jpeg_quality=options.jpeg_quality,
+                )
+            )
+            yield animate_pb2.AnimateRequest(audio=first.audio)
+            while (chunk := await chunks.get()) is not None:
+                yield animate_pb2.AnimateRequest(audio=chunk.audio)
+
+        turn = self.turn
+        async for response in self.stages.animate.bidi(
+            self.stages.animate_stub.Animate, requests(), self.settings.animate_timeout_s
+        ):
+            turn.mark("first_frame_ms")
+            turn.frames += 1
+            await self.emit(turn.event(video_frame=response.frame))
+
+    async def _render(self) -> None:
+        turn = self.turn
+        request = animate_pb2.RenderRequest(
+            avatar_id=self.options.avatar_id,
+            audio=bytes(turn.audio),
+            format=audio_pb2.AudioFormat(
+                encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE,
+                sample_rate_hz=turn.audio_rate_hz,
+                channels=1,
+            ),
+            fps=self.options.fps,
+        )
+        async for response in self.stages.animate.stream(
+            self.stages.animate_stub.Render, request, self.settings.render_timeout_s
+        ):
+            which = response.WhichOneof("response")
+            if which == "progress":
+                await self.emit(turn.event(render_progress=response.progress))
+            elif which == "chunk":
+                turn.mark("first_frame_ms")
+                turn.mp4.extend(response.chunk.content)
+                await self.emit(turn.event(mp4_chunk=response.chunk))
+            elif which == "result":
+                turn.render = response.result
+
+
+async def _all_or_none(work: Sequence[Awaitable[None]]) -> None:
+    """Runs the stages side by side; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            await finished
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
