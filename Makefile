@@ -63,7 +63,12 @@ $(GEN)/.stamp: $(PROTOS) $(STAMP)
 
 proto: $(GEN)/.stamp
 
-setup: $(STAMP) proto
+SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav
+
+$(SAMPLES): $(STAMP)
+	$(PY) -m gateway.samples $(TALKER_VAR_DIR)/samples
+
+setup: $(STAMP) proto $(SAMPLES)
 
 # ---- running ----------------------------------------------------------------
 run: setup

@@ -73,8 +73,9 @@ class Archive:
         return self.write(entry, "json", data)
 
     def abandon(self, entry: ArchiveEntry) -> None:
-        """Removes the partial files of a turn whose outputs will never be written."""
-        for path in entry.folder.glob(f"{entry.stem}.*{PARTIAL_MARK}"):
+        """Removes every file of a turn whose record could not be written: an
+        output without its record is as good as lost, and only confuses."""
+        for path in entry.folder.glob(f"{entry.stem}.*"):
             path.unlink(missing_ok=True)
 
     def sweep(self, now: float | None = None) -> int:

@@ -101,6 +101,14 @@ class Reply:
         self.emit = emit
 
     async def run(self) -> None:
+        # A stage known to be down fails the turn now, before the others do work for nothing.
+        needed = [self.stages.chat]
+        if self.options.speaks:
+            needed.append(self.stages.synthesize)
+        if self.options.live_video or self.options.render_mp4:
+            needed.append(self.stages.animate)
+        for stage in needed:
+            await stage.ready()
         sentences: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
         chunks: asyncio.Queue[synthesize_pb2.AudioChunk | None] = asyncio.Queue()
         work = [self._think(sentences if self.options.speaks else None)]

@@ -1,0 +1,279 @@
+"""The gateway end to end, every program a real process under supervisord:
+spoken questions in, answers out as text, audio, video and mp4; trace ids in
+every log; barge-in; a stopped stage named within 2 s; bad ids refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from datetime import UTC, datetime
+
+import av
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from gateway.samples import spoken_question
+from services.common.health_probe import probe
+from talker.v1 import animate_pb2, animate_pb2_grpc, asr_pb2, audio_pb2, talker_pb2, talker_pb2_grpc
+from tests.device import converse, pause, speech, wait_for
+from tests.processes import VENV_BIN
+from tests.speech import piper_speech, silence, to_wav, word_error_rate
+
+PROGRAM_NAMES = ("asr", "chat", "synthesize", "animate", "gateway")
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def gateway(system) -> talker_pb2_grpc.TalkerServiceStub:  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(system.addresses["gateway"])
+    return talker_pb2_grpc.TalkerServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def avatar_id(system) -> str:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    stub = animate_pb2_grpc.AnimateServiceStub(grpc.insecure_channel(system.addresses["animate"]))
+    request = animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="astronaut")
+    return str(stub.CreateAvatar(request, timeout=120).avatar.avatar_id)
+
+
+def streams_of(path) -> dict[str, tuple[str, float]]:  # type: ignore[no-untyped-def]
+    with av.open(str(path)) as container:
+        return {
+            s.type: (s.codec_context.name, float(s.duration * s.time_base))
+            for s in container.streams
+        }
+
+
+def test_cli_turns_a_spoken_question_and_a_portrait_into_an_answer_video(system, tmp_path) -> None:
+    question = tmp_path / "question.wav"
+    question.write_bytes(spoken_question())
+    portrait = tmp_path / "portrait.png"
+    Image.fromarray(data.astronaut()).save(portrait)
+    out = tmp_path / "answer.mp4"
+    trace_id = "test-answer-video"
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "talker"),
+            "--gateway", system.addresses["gateway"],
+            "--animate", system.addresses["animate"],
+            "--trace-id", trace_id,
+            "ask", "--audio", str(question), "--portrait", str(portrait), "--out", str(out),
+            "--user", "tester", "--scene", "cli-test",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert "capital of france" in result.stdout.lower()
+    streams = streams_of(out)
+    assert streams["video"][0] == "h264" and streams["audio"][0] == "aac"
+    assert abs(streams["video"][1] - streams["audio"][1]) <= 0.04, streams  # one frame at 25 fps
+
+    # Archived under {root}/{date}/{user}_{timestamp}_{scene}.mp4 with its record, nothing partial.
+    day = system.var_dir / "archive" / datetime.now(UTC).strftime("%Y-%m-%d")
+    videos = sorted(day.glob("tester_*_cli-test.mp4"))
+    assert len(videos) == 1, sorted(p.name for p in day.iterdir())
+    record = json.loads(videos[0].with_suffix(".json").read_text())
+    assert record["trace_id"] == trace_id and record["status"] == "finished"
+    assert "capital of france" in record["user_text"].lower() and record["reply_text"]
+    assert record["timings_ms"]["first_audio_ms"] > 0 and record["avatar_id"]
+    assert streams_of(videos[0])["video"][0] == "h264"
+    assert not [p for p in day.iterdir() if ".partial" in p.name]
+
+    # One grep of the trace id shows the whole path.
+    for program in PROGRAM_NAMES:
+        lines = [line for line in system.log(program).splitlines() if trace_id in line]
+        assert lines, f"{trace_id} is not in the {program} log"
+        assert all(json.loads(line)["trace_id"] == trace_id for line in lines)
+
+
+def test_converse_streams_transcripts_reply_audio_and_video(gateway, avatar_id) -> None:
+    config = talker_pb2.ConverseConfig(
+        user_id="device-1",
+        scene="kiosk",
+        mode=talker_pb2.REPLY_MODE_AUDIO_VIDEO,
+        avatar_id=avatar_id,
+        interim_results=True,
+        output_sample_rate_hz=16000,
+    )
+    steps = [pause(silence(0.5)), speech(piper_speech(QUESTION)), pause(silence(1.5))]
+    session = converse(gateway, config, steps, trace_id="test-converse")
+    assert session.error is None, session.error
+    kinds = [r.kind for r in session.events]
+    assert kinds[0] == "started" and kinds[-1] == "turn_finished", kinds
+    assert session.events[0].event.started.trace_id == "test-converse"
+    speech_events = [r.event.speech.type for r in session.of("speech")]
+    assert speech_events[:2] == [
+        asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED,
+        asr_pb2.SPEECH_EVENT_TYPE_END_OF_UTTERANCE,
+    ]
+    finals = session.finals()
+    assert (
+        len(finals) == 1 and word_error_rate([QUESTION], [finals[0].event.transcript.text]) <= 0.2
+    )
+    # The order of a turn: transcript, reply text, audio, video, the end.
+    order = [
+        kinds.index(k) for k in ("reply_delta", "reply_sentence", "reply_audio", "video_frame")
+    ]
+    assert kinds.index("transcript") < order[0] < order[1] < order[2] < order[3]
+    # Animation runs alongside speech: frames arrive before the last audio chunk does.
+    assert kinds.index("video_frame") < len(kinds) - 1 - kinds[::-1].index("reply_audio")
+    audio = session.of("reply_audio", turn=0)
+    assert {r.event.reply_audio.format.sample_rate_hz for r in audio} == {16000}
+    audio_ms = sum(len(r.event.reply_audio.audio) // 2 for r in audio) / 16
+    frames = session.of("video_frame", turn=0)
+    stamps = [r.event.video_frame.timestamp_ms for r in frames]
+    assert stamps == sorted(stamps) and abs(stamps[-1] - audio_ms) <= 80, (stamps[-1], audio_ms)
+    finished = session.first("turn_finished").event.turn_finished
+    assert finished.trace_id == "test-converse" and finished.reply_text
+    assert abs(finished.reply_audio_ms - audio_ms) <= 1
+    timings = finished.timings
+    assert 0 < timings.first_token_ms <= timings.first_audio_ms <= timings.first_frame_ms
+    assert finished.archive_path.endswith("_kiosk.mp4") and "device-1_" in finished.archive_path
+
+
+def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
+    config = talker_pb2.ConverseConfig(user_id="device-2", mode=talker_pb2.REPLY_MODE_AUDIO)
+    story = "Tell me a very long story about a dragon and a brave knight."
+    follow_up = "What colour is the sky?"
+
+    def reply_is_playing(received) -> bool:  # type: ignore[no-untyped-def]
+        return received.kind == "reply_audio" and received.event.turn_index == 0
+
+    steps = [
+        speech(piper_speech(story)),
+        pause(silence(1.0)),
+        wait_for(reply_is_playing),
+        speech(piper_speech(follow_up)),
+        pause(silence(1.5)),
+    ]
+    session = converse(gateway, config, steps, trace_id="test-barge-in")
+    assert session.error is None, session.error
+    cut = session.first("interrupted", turn=0)
+    assert not session.of("turn_finished", turn=0)
+    assert cut.event.interrupted.text_sent and cut.event.interrupted.audio_sent_ms > 0
+    # Nothing of the cut turn arrives after the cut.
+    assert all(r.event.turn_index != 0 for r in session.events[session.events.index(cut) + 1 :])
+    started_again = next(
+        r
+        for r in session.of("speech", turn=1)
+        if r.event.speech.type == asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED
+    )
+    print(f"barge-in: interrupted {1000 * (cut.at - started_again.at):+.0f} ms after speech start")
+    finished = session.first("turn_finished", turn=1).event.turn_finished
+    assert word_error_rate([follow_up], [finished.user_text]) <= 0.25
+    # The cut reached chat: its generation for the story was cancelled.
+    chat_calls = [
+        json.loads(line)
+        for line in system.log("chat").splitlines()
+        if "test-barge-in" in line and '"call finished"' in line
+    ]
+    assert [c["code"] for c in chat_calls] == ["CANCELLED", "OK"], chat_calls
+
+
+def test_ask_with_text_streams_audio_and_returns_the_trace_id(gateway) -> None:
+    call = gateway.Ask(
+        talker_pb2.AskRequest(text=QUESTION, mode=talker_pb2.REPLY_MODE_AUDIO),
+        metadata=[("x-trace-id", "test-ask-text")],
+        timeout=120,
+    )
+    events = [response.event for response in call]
+    assert ("x-trace-id", "test-ask-text") in call.initial_metadata()
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "turn_finished" and "reply_audio" in kinds
+    assert "video_frame" not in kinds
+    finished = events[-1].turn_finished
+    assert "paris" in finished.reply_text.lower() and finished.archive_path.endswith(".wav")
+
+
+BAD_ASKS = [
+    ({"text": "hi", "user_id": "../../etc"}, grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
+    ({"text": "hi", "scene": "a/b"}, grpc.StatusCode.INVALID_ARGUMENT, "scene"),
+    ({"text": "hi", "session_id": "x\nforged log line"}, grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+    ({"text": "hi", "voice_id": "..%2f"}, grpc.StatusCode.INVALID_ARGUMENT, "voice_id"),
+    ({"text": "hi", "voice_id": "nobody-speaks-like-this"}, grpc.StatusCode.NOT_FOUND, "voice"),
+    ({"text": "hi", "mode": talker_pb2.REPLY_MODE_AUDIO_VIDEO}, grpc.StatusCode.INVALID_ARGUMENT, "avatar_id is required"),
+    ({"text": "hi", "mode": talker_pb2.REPLY_MODE_AUDIO_VIDEO, "avatar_id": "no-such-face"}, grpc.StatusCode.NOT_FOUND, "avatar"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "question is missing"),
+    ({"text": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ({"text": "x" * 5000}, grpc.StatusCode.RESOURCE_EXHAUSTED, "characters"),
+    ({"text": "hi", "fps": 500}, grpc.StatusCode.INVALID_ARGUMENT, "fps"),
+    ({"text": "hi", "output_sample_rate_hz": 7}, grpc.StatusCode.INVALID_ARGUMENT, "output_sample_rate_hz"),
+    ({"audio": talker_pb2.AudioClip(format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_WAV), audio=b"not a wav")}, grpc.StatusCode.INVALID_ARGUMENT, "audio"),
+    ({"audio": talker_pb2.AudioClip(format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_WAV), audio=to_wav(silence(2.0), 16000))}, grpc.StatusCode.INVALID_ARGUMENT, "No speech"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "code", "words"), BAD_ASKS)
+def test_bad_asks_are_refused_with_a_reason(gateway, fields, code, words) -> None:  # type: ignore[no-untyped-def]
+    request = talker_pb2.AskRequest(mode=fields.pop("mode", talker_pb2.REPLY_MODE_AUDIO), **fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(gateway.Ask(request, timeout=60))
+    assert caught.value.code() is code, caught.value.details()
+    assert words.lower() in caught.value.details().lower(), caught.value.details()
+
+
+def pcm_config(**fields) -> talker_pb2.ConverseRequest:  # type: ignore[no-untyped-def]
+    return talker_pb2.ConverseRequest(config=talker_pb2.ConverseConfig(**fields))
+
+
+S16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=16000)
+BAD_STREAMS = [
+    ([talker_pb2.ConverseRequest(audio=b"\x00\x00")], "first message"),
+    ([pcm_config(input_format=S16_16K), pcm_config()], "only once"),
+    ([pcm_config(mode=talker_pb2.REPLY_MODE_TEXT), talker_pb2.ConverseRequest(audio=b"\x00\x00")], "no input_format"),
+    ([pcm_config(input_format=S16_16K), talker_pb2.ConverseRequest(audio=b"\x00\x00\x00")], "whole number"),
+    ([pcm_config(user_id="a b")], "user_id"),
+    ([], "before its first message"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("messages", "words"), BAD_STREAMS)
+def test_bad_streams_are_refused_with_a_reason(gateway, messages, words) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as caught:
+        list(gateway.Converse(iter(messages), timeout=60))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert words.lower() in caught.value.details().lower(), caught.value.details()
+
+
+@pytest.mark.parametrize("stage", ["synthesize", "chat"])
+def test_a_stopped_stage_is_named_within_2_s_and_the_next_turn_succeeds(
+    system, gateway, stage
+) -> None:
+    request = talker_pb2.AskRequest(text=QUESTION, mode=talker_pb2.REPLY_MODE_AUDIO)
+    assert "stop" in system.ctl("stop", f"talker:{stage}").stdout
+    try:
+        # The deadline is the check: a hang would end DEADLINE_EXCEEDED instead.
+        with pytest.raises(grpc.RpcError) as caught:
+            list(gateway.Ask(request, timeout=2.0, metadata=[("x-trace-id", f"test-down-{stage}")]))
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        details = caught.value.details()
+        assert f"The {stage} (" in details and f"test-down-{stage}" in details, details
+        # The gateway itself stays up; its service reports the missing stage.
+        gateway_address = system.addresses["gateway"]
+        assert probe(gateway_address) == "SERVING"
+        assert probe(gateway_address, service="talker.v1.TalkerService") == "NOT_SERVING"
+    finally:
+        system.ctl("start", f"talker:{stage}")
+    system.wait_status(system.addresses[stage], timeout_s=180)
+    system.wait_status(system.addresses["gateway"], timeout_s=30)
+    events = [r.event for r in gateway.Ask(request, timeout=120)]
+    assert events[-1].WhichOneof("event") == "turn_finished"
+    assert probe(system.addresses["gateway"], service="talker.v1.TalkerService") == "SERVING"
+
+
+def test_question_as_raw_pcm_clip(gateway) -> None:
+    pcm = (np.clip(piper_speech(QUESTION), -1, 1) * 32767).astype("<i2").tobytes()
+    request = talker_pb2.AskRequest(
+        audio=talker_pb2.AudioClip(format=S16_16K, audio=pcm), mode=talker_pb2.REPLY_MODE_TEXT
+    )
+    events = [response.event for response in gateway.Ask(request, timeout=120)]
+    transcript = [e.transcript for e in events if e.WhichOneof("event") == "transcript"]
+    assert len(transcript) == 1 and word_error_rate([QUESTION], [transcript[0].text]) <= 0.2
+    assert events[-1].turn_finished.timings.asr_final_ms > 0
