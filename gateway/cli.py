@@ -273,9 +273,7 @@ def cmd_converse(args: argparse.Namespace) -> None:
         if which == "started":
             print(f"{at} started: trace id {event.started.trace_id}")
         elif which == "speech":
-            print(
-                f"{at} {speech_name(event.speech.type)} at {event.speech.offset_ms} ms"
-            )
+            print(f"{at} {speech_name(event.speech.type)} at {event.speech.offset_ms} ms")
         elif which == "transcript" and event.transcript.is_final:
             print(f"{at} heard: {event.transcript.text.strip()}")
         elif which == "reply_sentence":

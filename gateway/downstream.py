@@ -16,6 +16,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import STAGES, GatewaySettings
+from services.common.errors import TalkerError
 from services.common.runtime import channel_options
 from services.common.tracing import TRACE_METADATA_KEY, current_trace_id
 from talker.v1 import (
@@ -54,8 +55,9 @@ RECONNECT_OPTIONS = [
 ]
 
 
-class StageFailure(Exception):
-    """A downstream stage failed a call; `str()` is the sentence for the client."""
+class StageFailure(TalkerError):
+    """A downstream stage failed a call; `str()` is the sentence for the client,
+    `code` the status it ends with (the stage's own, relayed)."""
 
     def __init__(self, stage: str, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)

@@ -23,7 +23,7 @@ from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.turns import Reply, ReplyOptions, Turn
 from services.common.audio import decode_clip
-from services.common.errors import InvalidInput, LimitExceeded, TalkerError
+from services.common.errors import InvalidInput, LimitExceeded, TalkerError, status_code_for
 from services.common.ids import check_id
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
@@ -106,8 +106,6 @@ class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
         task = asyncio.create_task(ask())
         try:
             while (item := await events.get()) is not _END:
-                if isinstance(item, StageFailure):
-                    await context.abort(item.code, str(item))
                 if isinstance(item, BaseException):
                     raise item
                 yield talker_pb2.AskResponse(event=item)
@@ -201,11 +199,8 @@ class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
             self.settings.converse_max_s,
         )
         log.info("converse", extra={"session_id": session_id, "user_id": user_id, "scene": scene})
-        try:
-            async for event in conversation.run(request_iterator):
-                yield talker_pb2.ConverseResponse(event=event)
-        except StageFailure as failure:
-            await context.abort(failure.code, str(failure))
+        async for event in conversation.run(request_iterator):
+            yield talker_pb2.ConverseResponse(event=event)
 
     # ---- a turn -----------------------------------------------------------------
     async def _run_turn(
@@ -222,7 +217,7 @@ class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
         reply = Reply(self.stages, self.settings, options, session_id, user_id, turn, emit)
         try:
             await reply.run()
-        except (StageFailure, TalkerError) as error:
+        except TalkerError as error:
             failure = as_stage_failure(error)
             log.warning(
                 "turn failed",
@@ -350,12 +345,9 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def as_stage_failure(error: Exception) -> StageFailure:
+def as_stage_failure(error: TalkerError) -> StageFailure:
     if isinstance(error, StageFailure):
         return error
-    from services.common.errors import status_code_for
-
-    assert isinstance(error, TalkerError)
     return StageFailure("gateway", status_code_for(error), str(error))
 
 

@@ -99,14 +99,19 @@ def converse(
         seen: list[Received] = []
         for kind, value in steps:
             if kind == "wait":
+                # A microphone never stops: silence flows while the device waits.
                 predicate, wait_s = value  # type: ignore[misc]
                 deadline = time.monotonic() + wait_s
                 while not any(predicate(r) for r in seen):
-                    try:
-                        seen.append(arrived.get(timeout=max(0.0, deadline - time.monotonic())))
-                    except queue.Empty:
-                        raise AssertionError("the awaited event never came") from None
-                clock = time.monotonic()
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the awaited event never came")
+                    clock += CHUNK_MS / 1000
+                    delay = clock - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    yield talker_pb2.ConverseRequest(audio=bytes(step_bytes))
+                    while not arrived.empty():
+                        seen.append(arrived.get_nowait())
                 continue
             pcm = to_s16le(value)  # type: ignore[arg-type]
             for offset in range(0, len(pcm), step_bytes):

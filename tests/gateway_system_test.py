@@ -18,13 +18,22 @@ from skimage import data
 
 from gateway.samples import spoken_question
 from services.common.health_probe import probe
-from talker.v1 import animate_pb2, animate_pb2_grpc, asr_pb2, audio_pb2, talker_pb2, talker_pb2_grpc
+from talker.v1 import (
+    animate_pb2,
+    animate_pb2_grpc,
+    asr_pb2,
+    audio_pb2,
+    chat_pb2,
+    talker_pb2,
+    talker_pb2_grpc,
+)
 from tests.device import converse, pause, speech, wait_for
 from tests.processes import VENV_BIN
 from tests.speech import piper_speech, silence, to_wav, word_error_rate
 
 PROGRAM_NAMES = ("asr", "chat", "synthesize", "animate", "gateway")
 QUESTION = "What is the capital of France?"
+STORY = "Tell me a long story about a dragon and a brave knight."
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +110,9 @@ def test_converse_streams_transcripts_reply_audio_and_video(gateway, avatar_id) 
         avatar_id=avatar_id,
         interim_results=True,
         output_sample_rate_hz=16000,
+        sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=96),
     )
-    steps = [pause(silence(0.5)), speech(piper_speech(QUESTION)), pause(silence(1.5))]
+    steps = [pause(silence(0.5)), speech(piper_speech(STORY)), pause(silence(1.5))]
     session = converse(gateway, config, steps, trace_id="test-converse")
     assert session.error is None, session.error
     kinds = [r.kind for r in session.events]
@@ -114,19 +124,23 @@ def test_converse_streams_transcripts_reply_audio_and_video(gateway, avatar_id) 
         asr_pb2.SPEECH_EVENT_TYPE_END_OF_UTTERANCE,
     ]
     finals = session.finals()
-    assert (
-        len(finals) == 1 and word_error_rate([QUESTION], [finals[0].event.transcript.text]) <= 0.2
-    )
+    assert len(finals) == 1 and word_error_rate([STORY], [finals[0].event.transcript.text]) <= 0.2
     # The order of a turn: transcript, reply text, audio, video, the end.
-    order = [
-        kinds.index(k) for k in ("reply_delta", "reply_sentence", "reply_audio", "video_frame")
-    ]
-    assert kinds.index("transcript") < order[0] < order[1] < order[2] < order[3]
-    # Animation runs alongside speech: frames arrive before the last audio chunk does.
-    assert kinds.index("video_frame") < len(kinds) - 1 - kinds[::-1].index("reply_audio")
+    first = {
+        k: kinds.index(k) for k in ("reply_delta", "reply_sentence", "reply_audio", "video_frame")
+    }
+    assert kinds.index("transcript") < first["reply_delta"] < first["reply_sentence"]
+    assert first["reply_sentence"] < first["reply_audio"] < first["video_frame"]
+    # Pipelined: the reply is spoken and shown while it is still being written.
+    last_delta = len(kinds) - 1 - kinds[::-1].index("reply_delta")
+    assert len(session.of("reply_sentence")) >= 2
+    assert first["reply_audio"] < last_delta and first["video_frame"] < last_delta, kinds
     audio = session.of("reply_audio", turn=0)
     assert {r.event.reply_audio.format.sample_rate_hz for r in audio} == {16000}
-    audio_ms = sum(len(r.event.reply_audio.audio) // 2 for r in audio) / 16
+    offsets = [r.event.reply_audio.offset_samples for r in audio]
+    sizes = [len(r.event.reply_audio.audio) // 2 for r in audio]
+    assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]  # one timeline across sentences
+    audio_ms = sum(sizes) / 16
     frames = session.of("video_frame", turn=0)
     stamps = [r.event.video_frame.timestamp_ms for r in frames]
     assert stamps == sorted(stamps) and abs(stamps[-1] - audio_ms) <= 80, (stamps[-1], audio_ms)
@@ -139,15 +153,18 @@ def test_converse_streams_transcripts_reply_audio_and_video(gateway, avatar_id) 
 
 
 def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
-    config = talker_pb2.ConverseConfig(user_id="device-2", mode=talker_pb2.REPLY_MODE_AUDIO)
-    story = "Tell me a very long story about a dragon and a brave knight."
+    config = talker_pb2.ConverseConfig(
+        user_id="device-2",
+        mode=talker_pb2.REPLY_MODE_AUDIO,
+        sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=96),
+    )
     follow_up = "What colour is the sky?"
 
     def reply_is_playing(received) -> bool:  # type: ignore[no-untyped-def]
         return received.kind == "reply_audio" and received.event.turn_index == 0
 
     steps = [
-        speech(piper_speech(story)),
+        speech(piper_speech(STORY)),
         pause(silence(1.0)),
         wait_for(reply_is_playing),
         speech(piper_speech(follow_up)),

@@ -42,6 +42,10 @@ STATUS_OF: dict[type[TalkerError], grpc.StatusCode] = {
 
 
 def status_code_for(error: TalkerError) -> grpc.StatusCode:
+    # Errors relayed from another program keep the code that program gave.
+    code = getattr(error, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
