@@ -1,12 +1,20 @@
 import sys
 
-from bench import animate_bench, asr_bench, chat_bench, chat_models, synthesize_bench
+from bench import (
+    animate_bench,
+    asr_bench,
+    chat_bench,
+    chat_models,
+    gateway_bench,
+    synthesize_bench,
+)
 
 BENCHES = {
     "asr": asr_bench.main,
     "chat": chat_bench.main,
     "synthesize": synthesize_bench.main,
     "animate": animate_bench.main,
+    "gateway": gateway_bench.main,
 }
 # Run on request only: a model comparison, not a speed benchmark.
 EXTRA = {"chat_models": chat_models.main}

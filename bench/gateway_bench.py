@@ -1,0 +1,276 @@
+"""Gateway: the latency of a spoken turn, end to end, every program a real
+process under supervisord, and what the gateway itself adds per hop.
+
+A device plays questions at real-time pace in 20 ms chunks (keeping the
+microphone open with silence between them) and stamps each event as it
+arrives. Milestones are measured from the true end of speech (the last
+audible sample of the question leaving the device).
+
+Hop overhead: the same work called through the gateway and directly on the
+stage, alternated in one run; the difference of the two p50s is what the
+gateway adds on that hop (its own parsing, checks, forwarding and queueing)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from bench.tables import percentile, print_table
+from talker.v1 import (
+    animate_pb2,
+    animate_pb2_grpc,
+    asr_pb2,
+    asr_pb2_grpc,
+    audio_pb2,
+    chat_pb2,
+    chat_pb2_grpc,
+    synthesize_pb2,
+    synthesize_pb2_grpc,
+    talker_pb2,
+    talker_pb2_grpc,
+)
+from tests.device import converse, pause, speech, wait_for
+from tests.processes import Supervisor
+from tests.speech import piper_speech, silence, speech_end_s, to_s16le
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "How are you today?",
+    "What colour is the sky?",
+    "Can you recommend a good book?",
+    "What is two plus two?",
+    "Where do penguins live?",
+    "What is your name?",
+    "Tell me something about the moon.",
+    "What time is it in London?",
+    "Do you like music?",
+]
+TURNS = int(os.environ.get("TALKER_BENCH_TURNS", "20"))
+HOP_ROUNDS = int(os.environ.get("TALKER_BENCH_HOP_ROUNDS", "15"))
+MILESTONES = [
+    ("final transcript", "transcript"),
+    ("first reply token", "reply_delta"),
+    ("first sentence", "reply_sentence"),
+    ("first audio chunk", "reply_audio"),
+    ("first video frame", "video_frame"),
+]
+S16_16K = audio_pb2.AudioFormat(
+    encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=16000, channels=1
+)
+
+
+def trimmed(text: str) -> np.ndarray:
+    """A question that ends exactly at its last audible sample."""
+    audio = piper_speech(text)
+    return audio[: int(speech_end_s(audio) * 16000)]
+
+
+def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str) -> None:
+    config = talker_pb2.ConverseConfig(
+        user_id="bench",
+        scene="bench",
+        mode=talker_pb2.REPLY_MODE_AUDIO_VIDEO,
+        avatar_id=avatar_id,
+        sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=48),
+    )
+    steps: list = [pause(silence(0.5))]
+    for n in range(TURNS):
+        steps.append(speech(trimmed(QUESTIONS[n % len(QUESTIONS)])))
+
+        def done(received, n=n) -> bool:  # type: ignore[no-untyped-def]
+            return received.event.turn_index == n and received.kind in (
+                "turn_finished",
+                "error",
+                "interrupted",
+            )
+
+        steps += [wait_for(done, 120), pause(silence(0.3))]
+    session = converse(stub, config, steps, trace_id="bench-gateway", timeout_s=3600)
+    if session.error is not None:
+        raise SystemExit(f"gateway bench: the conversation failed: {session.error}")
+    rows = []
+    latencies: dict[str, list[float]] = {label: [] for label, _ in MILESTONES}
+    finished = 0
+    for n, speech_end in enumerate(session.speech_ends):
+        turn_events = [r for r in session.events if r.event.turn_index == n]
+        if not any(r.kind == "turn_finished" for r in turn_events):
+            continue
+        finished += 1
+        for label, kind in MILESTONES:
+            arrivals = [
+                r.at
+                for r in turn_events
+                if r.kind == kind and (kind != "transcript" or r.event.transcript.is_final)
+            ]
+            if arrivals:
+                latencies[label].append((arrivals[0] - speech_end) * 1000)
+    for label, _ in MILESTONES:
+        values = latencies[label]
+        rows.append([label, len(values), percentile(values, 50), percentile(values, 95)])
+    print_table(
+        f"Spoken turns through the gateway: ms from the end of speech ({finished}/{TURNS} turns finished)",
+        ["milestone", "turns", "p50 ms", "p95 ms"],
+        rows,
+    )
+    audio_p50 = percentile(latencies["first audio chunk"], 50)
+    video_p50 = percentile(latencies["first video frame"], 50)
+    print(
+        f"\ntargets: end of speech -> first audio {audio_p50:.0f} ms p50 (target < 800), "
+        f"-> first video frame {video_p50:.0f} ms p50 (target < 1000)"
+    )
+
+
+def timed_first(responses, want) -> float:  # type: ignore[no-untyped-def]
+    """ms until the first response `want` accepts; the rest is drained."""
+    started = time.perf_counter()
+    first = None
+    for response in responses:
+        if first is None and want(response):
+            first = (time.perf_counter() - started) * 1000
+    assert first is not None, "the awaited response never came"
+    return first
+
+
+def event_is(kind: str):  # type: ignore[no-untyped-def]
+    return lambda response: response.event.WhichOneof("event") == kind
+
+
+def hop_overhead(system: Supervisor, avatar_id: str) -> None:
+    gateway = talker_pb2_grpc.TalkerServiceStub(grpc.insecure_channel(system.addresses["gateway"]))
+    asr = asr_pb2_grpc.AsrServiceStub(grpc.insecure_channel(system.addresses["asr"]))
+    chat = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(system.addresses["chat"]))
+    tts = synthesize_pb2_grpc.SynthesizeServiceStub(
+        grpc.insecure_channel(system.addresses["synthesize"])
+    )
+    animate = animate_pb2_grpc.AnimateServiceStub(
+        grpc.insecure_channel(system.addresses["animate"])
+    )
+    clip = to_s16le(np.concatenate([trimmed(QUESTIONS[0]), silence(0.2)]))
+    sampling = chat_pb2.SamplingParams(greedy=True, max_new_tokens=8)
+    sentence = "The capital of France is Paris."
+    speech_pcm = to_s16le(piper_speech(sentence))
+    pairs: dict[str, tuple[list[float], list[float]]] = {
+        k: ([], []) for k in ("asr", "chat", "synthesize", "animate")
+    }
+
+    def animate_requests():  # type: ignore[no-untyped-def]
+        yield animate_pb2.AnimateRequest(
+            config=animate_pb2.AnimateConfig(avatar_id=avatar_id, format=S16_16K)
+        )
+        for offset in range(0, len(speech_pcm), 6400):
+            yield animate_pb2.AnimateRequest(audio=speech_pcm[offset : offset + 6400])
+
+    for n in range(HOP_ROUNDS):
+        # ASR: a whole clip, to the transcript.
+        via = gateway.Ask(
+            talker_pb2.AskRequest(
+                audio=talker_pb2.AudioClip(format=S16_16K, audio=clip),
+                language="en",
+                mode=talker_pb2.REPLY_MODE_TEXT,
+                sampling=sampling,
+            )
+        )
+        pairs["asr"][0].append(timed_first(via, event_is("transcript")))
+        direct = asr.Recognize(
+            asr_pb2.RecognizeRequest(
+                format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
+            )
+        )
+        started = time.perf_counter()
+        direct = asr.Recognize(
+            asr_pb2.RecognizeRequest(
+                format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
+            )
+        )
+        pairs["asr"][1].append((time.perf_counter() - started) * 1000)
+        del direct
+        # Chat: a fresh session each time, to the first token.
+        via = gateway.Ask(
+            talker_pb2.AskRequest(
+                text=QUESTIONS[0], mode=talker_pb2.REPLY_MODE_TEXT, sampling=sampling
+            )
+        )
+        pairs["chat"][0].append(timed_first(via, event_is("reply_delta")))
+        direct = chat.Chat(
+            chat_pb2.ChatRequest(session_id=f"hop-{n}", text=QUESTIONS[0], sampling=sampling)
+        )
+        pairs["chat"][1].append(timed_first(direct, lambda r: r.WhichOneof("response") == "delta"))
+        # Synthesize and Animate: one sentence to its first audio chunk / first frame.
+        # Through the gateway their hop is measured inside the turn (first sentence ->
+        # first audio, first audio -> first frame), as the client sees it.
+        via = list(
+            gateway.Ask(
+                talker_pb2.AskRequest(
+                    text="Say exactly: The capital of France is Paris.",
+                    mode=talker_pb2.REPLY_MODE_AUDIO_VIDEO,
+                    avatar_id=avatar_id,
+                    output_sample_rate_hz=16000,
+                    sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=12),
+                )
+            )
+        )
+        timings = via[-1].event.turn_finished.timings
+        if timings.first_audio_ms and timings.first_sentence_ms:
+            pairs["synthesize"][0].append(timings.first_audio_ms - timings.first_sentence_ms)
+        if timings.first_frame_ms and timings.first_audio_ms:
+            pairs["animate"][0].append(timings.first_frame_ms - timings.first_audio_ms)
+        direct = tts.Synthesize(
+            synthesize_pb2.SynthesizeRequest(
+                text=sentence, output_format=audio_pb2.AudioFormat(sample_rate_hz=16000)
+            )
+        )
+        pairs["synthesize"][1].append(
+            timed_first(direct, lambda r: r.WhichOneof("response") == "chunk")
+        )
+        pairs["animate"][1].append(timed_first(animate.Animate(animate_requests()), lambda r: True))
+    rows = []
+    for hop, (via_ms, direct_ms) in pairs.items():
+        via50, direct50 = percentile(via_ms, 50), percentile(direct_ms, 50)
+        rows.append([hop, len(via_ms), via50, direct50, via50 - direct50])
+    print_table(
+        "Gateway overhead per hop: p50 ms through the gateway vs calling the stage directly",
+        ["hop", "rounds", "via gateway p50", "direct p50", "overhead ms"],
+        rows,
+    )
+    print(
+        "\nasr/chat: the whole call through the gateway vs direct (Ask's checks included). "
+        "synthesize/animate: measured inside a live turn (sentence -> first audio, first audio "
+        "-> first frame) while chat is still generating on the same 2 cores, vs an idle direct "
+        "call: an upper bound on the hop's cost."
+    )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="talker-bench-") as folder:
+        system = Supervisor(Path(folder))
+        system.start()
+        try:
+            for address in system.addresses.values():
+                system.wait_status(address, timeout_s=300)
+            buffer = io.BytesIO()
+            Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+            animate = animate_pb2_grpc.AnimateServiceStub(
+                grpc.insecure_channel(system.addresses["animate"])
+            )
+            avatar_id = animate.CreateAvatar(
+                animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="bench")
+            ).avatar.avatar_id
+            stub = talker_pb2_grpc.TalkerServiceStub(
+                grpc.insecure_channel(system.addresses["gateway"])
+            )
+            spoken_turns(stub, avatar_id)
+            hop_overhead(system, avatar_id)
+        finally:
+            system.stop()
+
+
+if __name__ == "__main__":
+    main()
