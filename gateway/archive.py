@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import wave
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,10 @@ class Archive:
     def __init__(self, root: Path, retention_days: float) -> None:
         self.root = root
         self.retention_days = retention_days
+        # Names handed out but not yet written. Held in memory, not as files on
+        # disk, so a killed gateway leaves nothing half-made behind.
+        self._reserved: set[Path] = set()
+        self._lock = threading.Lock()
 
     def entry(self, user_id: str, scene: str, when: datetime | None = None) -> ArchiveEntry:
         """A fresh, unused name for a turn. Ids must already be checked."""
@@ -49,14 +54,18 @@ class Archive:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = when.strftime("%Y%m%dT%H%M%S") + f"{when.microsecond // 1000:03d}Z"
         base = f"{user_id or 'anonymous'}_{stamp}_{scene or 'default'}"
-        stem, n = base, 1
-        # Two turns in the same millisecond: keep both.
-        while any(folder.glob(f"{stem}.*")):
-            n += 1
-            stem = f"{base}-{n}"
-        # Claim the name before anything slow happens, so a concurrent turn cannot take it.
-        (folder / f"{stem}.json{PARTIAL_MARK}").touch()
+        with self._lock:
+            stem, n = base, 1
+            # Two turns in the same millisecond: keep both.
+            while folder / stem in self._reserved or any(folder.glob(f"{stem}.*")):
+                n += 1
+                stem = f"{base}-{n}"
+            self._reserved.add(folder / stem)
         return ArchiveEntry(folder, stem)
+
+    def release(self, entry: ArchiveEntry) -> None:
+        with self._lock:
+            self._reserved.discard(entry.folder / entry.stem)
 
     def write(self, entry: ArchiveEntry, extension: str, data: bytes) -> Path:
         final = entry.path(extension)
@@ -70,13 +79,16 @@ class Archive:
 
     def write_record(self, entry: ArchiveEntry, record: dict[str, Any]) -> Path:
         data = json.dumps(record, ensure_ascii=False, indent=2, sort_keys=True).encode()
-        return self.write(entry, "json", data)
+        path = self.write(entry, "json", data)
+        self.release(entry)
+        return path
 
     def abandon(self, entry: ArchiveEntry) -> None:
         """Removes every file of a turn whose record could not be written: an
         output without its record is as good as lost, and only confuses."""
         for path in entry.folder.glob(f"{entry.stem}.*"):
             path.unlink(missing_ok=True)
+        self.release(entry)
 
     def sweep(self, now: float | None = None) -> int:
         """Deletes date folders past the retention and partial files left by a

@@ -27,8 +27,8 @@ def test_names_follow_the_rule_and_never_collide(tmp_path) -> None:
 def test_only_whole_files_are_visible(tmp_path) -> None:
     archive = Archive(tmp_path, retention_days=30)
     entry = archive.entry("u", "s")
-    # Claimed but not written: nothing under the final names.
-    assert not entry.path("json").exists() and not entry.path("mp4").exists()
+    # Reserved but not written: nothing on disk at all.
+    assert list(entry.folder.iterdir()) == []
     archive.write(entry, "mp4", b"\x00" * 1000)
     archive.write_record(entry, {"trace_id": "t1"})
     names = sorted(p.name for p in entry.folder.iterdir())

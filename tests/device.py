@@ -68,6 +68,15 @@ def pause(audio: np.ndarray) -> Step:
     return ("audio", audio)
 
 
+def text(typed: str) -> Step:
+    return ("text", typed)
+
+
+def call(action: Callable[[], object]) -> Step:
+    """Runs `action` at this point of the script (e.g. kill a program mid-reply)."""
+    return ("call", action)
+
+
 def wait_for(predicate: Callable[[Received], bool], timeout_s: float = 60) -> Step:
     return ("wait", (predicate, timeout_s))
 
@@ -112,6 +121,12 @@ def converse(
                     yield talker_pb2.ConverseRequest(audio=bytes(step_bytes))
                     while not arrived.empty():
                         seen.append(arrived.get_nowait())
+                continue
+            if kind == "text":
+                yield talker_pb2.ConverseRequest(text=value)  # type: ignore[arg-type]
+                continue
+            if kind == "call":
+                value()  # type: ignore[operator]
                 continue
             pcm = to_s16le(value)  # type: ignore[arg-type]
             for offset in range(0, len(pcm), step_bytes):
