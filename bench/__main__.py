@@ -3,6 +3,7 @@ import sys
 from bench import (
     animate_bench,
     asr_bench,
+    chaos_bench,
     chat_bench,
     chat_models,
     gateway_bench,
@@ -15,6 +16,7 @@ BENCHES = {
     "synthesize": synthesize_bench.main,
     "animate": animate_bench.main,
     "gateway": gateway_bench.main,
+    "chaos": chaos_bench.main,
 }
 # Run on request only: a model comparison, not a speed benchmark.
 EXTRA = {"chat_models": chat_models.main}

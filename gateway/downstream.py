@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import STAGES, GatewaySettings
 from services.common.errors import TalkerError
+from services.common.interceptors import MODEL_METADATA_KEY
 from services.common.runtime import channel_options
 from services.common.tracing import TRACE_METADATA_KEY, current_trace_id
 from talker.v1 import (
@@ -107,6 +108,8 @@ class Stage:
             address, options=[*channel_options(settings), *RECONNECT_OPTIONS]
         )
         self.status = "UNKNOWN"
+        #: The model that served the last call (the stage's x-talker-model header).
+        self.model_id = ""
         self.changed = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.on_change: Callable[[Stage], None] = lambda stage: None
@@ -167,7 +170,10 @@ class Stage:
         while True:
             await self.ready()
             try:
-                return await method(request, timeout=timeout_s, metadata=trace_metadata())
+                call = method(request, timeout=timeout_s, metadata=trace_metadata())
+                response = await call
+                await self._note_model(call)
+                return response
             except aio.AioRpcError as error:
                 if await self._should_retry(error, attempt):
                     attempt += 1
@@ -184,6 +190,8 @@ class Stage:
             produced = False
             try:
                 async for response in call:
+                    if not produced:
+                        await self._note_model(call)
                     produced = True
                     yield response
                 return
@@ -202,13 +210,22 @@ class Stage:
         already sent cannot be sent again."""
         await self.ready()
         call = method(requests, timeout=timeout_s, metadata=trace_metadata())
+        noted = False
         try:
             async for response in call:
+                if not noted:
+                    await self._note_model(call)
+                    noted = True
                 yield response
         except aio.AioRpcError as error:
             raise failure_from(self.name, error) from None
         finally:
             call.cancel()
+
+    async def _note_model(self, call: Any) -> None:
+        for key, value in await call.initial_metadata() or ():
+            if key == MODEL_METADATA_KEY:
+                self.model_id = str(value)
 
     async def _should_retry(self, error: aio.AioRpcError, attempt: int) -> bool:
         if error.code() is not grpc.StatusCode.UNAVAILABLE:

@@ -322,7 +322,10 @@ class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
                 preserving_proto_field_name=True,
                 always_print_fields_with_no_presence=True,
             ),
-            "stages": {name: stage.address for name, stage in self.stages.by_name.items()},
+            "stages": {
+                name: {"address": stage.address, "model": stage.model_id}
+                for name, stage in self.stages.by_name.items()
+            },
         }
 
     async def _check_ids(self, options: ReplyOptions) -> None:

@@ -126,3 +126,19 @@ def test_stale_partial_files_are_removed_and_fresh_ones_kept(tmp_path) -> None: 
     os.utime(kept, (an_hour_ago, an_hour_ago))
     assert remove_stale_partials(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.bin.2.partial"]
+
+
+def test_no_gpu_means_no_gpu_series_and_no_effect_on_serving() -> None:
+    from prometheus_client import REGISTRY
+
+    from services.common.gpu import GpuMonitor
+
+    monitor = GpuMonitor()
+    if monitor.available:  # a GPU host: the readings must be real and sane
+        readings = monitor.read()
+        assert readings and all(0 < r.memory_total and 0 <= r.memory_fraction <= 1 for r in readings)
+        return
+    assert monitor.unavailable_reason  # why: no library, no driver or no device
+    assert monitor.read() == []
+    assert REGISTRY.get_sample_value("talker_gpu_available") == 0
+    assert REGISTRY.get_sample_value("talker_gpu_memory_used_bytes", {"gpu": "0"}) is None

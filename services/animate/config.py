@@ -14,6 +14,8 @@ from services.common.settings import ServiceSettings, default_var_dir
 class AnimateSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TALKER_ANIMATE_", extra="ignore")
     program: ClassVar[str] = "animate"
+    embedded_model: ClassVar[str] = "portrait-animator (embedded)"
+    model_settings: ClassVar[tuple[str, ...]] = ("wav2lip_checkpoint",)
 
     port: int = Field(default=50054, ge=0, le=65535, description="gRPC port.")
     metrics_port: int = Field(default=9154, ge=0, le=65535, description="/metrics port; 0 = off.")

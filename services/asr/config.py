@@ -13,6 +13,8 @@ from services.common.settings import ServiceSettings
 class AsrSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TALKER_ASR_", extra="ignore")
     program: ClassVar[str] = "asr"
+    embedded_model: ClassVar[str] = "whisper-base-int8 (embedded)"
+    model_settings: ClassVar[tuple[str, ...]] = ("model_path",)
 
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port.")
     metrics_port: int = Field(default=9151, ge=0, le=65535, description="/metrics port; 0 = off.")

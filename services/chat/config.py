@@ -43,6 +43,8 @@ DEFAULT_GUARD_PATTERNS = [
 class ChatSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TALKER_CHAT_", extra="ignore")
     program: ClassVar[str] = "chat"
+    embedded_model: ClassVar[str] = "SmolLM2-135M-Instruct-Q4_1 (embedded)"
+    model_settings: ClassVar[tuple[str, ...]] = ("model_path",)
 
     port: int = Field(default=50052, ge=0, le=65535, description="gRPC port.")
     metrics_port: int = Field(default=9152, ge=0, le=65535, description="/metrics port; 0 = off.")
@@ -60,6 +62,13 @@ class ChatSettings(ServiceSettings):
         "bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX: measured 1.5x the "
         "tokens/s of float32 here, same greedy text), else float32. GGUF files are "
         "dequantised to it.",
+    )
+    builtin_llama: bool = Field(
+        default=True,
+        description="Run Llama-architecture models (the default SmolLM2 included) on the "
+        "small torch implementation in services/chat/llama.py (same logits as "
+        "transformers): importing transformers' modeling code costs ~2.4 s of CPU, which "
+        "kept a restart from the weights cache over 4 s. false = transformers for every model.",
     )
     torch_threads: int = Field(default=2, ge=1, le=64, description="torch intra-op threads.")
     system_prompt: str = Field(

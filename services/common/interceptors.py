@@ -33,12 +33,17 @@ log = logging.getLogger("talker.rpc")
 
 # Health and reflection answer while the model loads; everything else waits.
 ALWAYS_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Response header naming the model that served the call (archive records cite it).
+MODEL_METADATA_KEY = "x-talker-model"
 
 
 class ObservingInterceptor(aio.ServerInterceptor):
-    def __init__(self, program: str, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, program: str, is_ready: Callable[[], bool], model_id: str = "") -> None:
         self.program = program
         self.is_ready = is_ready
+        self.headers: tuple[tuple[str, str], ...] = (
+            ((MODEL_METADATA_KEY, model_id),) if model_id else ()
+        )
 
     async def intercept_service(
         self,
@@ -117,7 +122,7 @@ class _ObservedCall:
     async def _begin(self, context: aio.ServicerContext) -> str:
         trace_id = accept_trace_id(trace_id_from_metadata(context.invocation_metadata()))
         current_trace_id.set(trace_id)
-        await context.send_initial_metadata(((TRACE_METADATA_KEY, trace_id),))
+        await context.send_initial_metadata(((TRACE_METADATA_KEY, trace_id), *self.owner.headers))
         metrics.IN_FLIGHT.labels(self.method).inc()
         if self.gated and not self.owner.is_ready():
             await context.abort(

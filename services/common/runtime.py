@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
+from services.common.gpu import GpuMonitor
 from services.common.interceptors import ObservingInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServiceSettings
@@ -93,7 +94,8 @@ class GrpcProgram:
     async def set_condition(self, condition: str, active: bool) -> None:
         """Conditions that make a loaded program NOT_SERVING until they clear:
         "queue_full" (so balancers and the watchdog see the pressure) and
-        "memory" (over 90% of its ceiling: the watchdog restarts it after it drains)."""
+        "memory" / "gpu_memory" (over 90% of the RSS ceiling or of GPU memory: the
+        watchdog restarts it after it drains)."""
         before = set(self._conditions)
         if active:
             self._conditions.add(condition)
@@ -114,14 +116,22 @@ class GrpcProgram:
     async def set_overloaded(self, overloaded: bool) -> None:
         await self.set_condition("queue_full", overloaded)
 
-    async def _watch_memory(self) -> None:
+    async def _watch_resources(self) -> None:
+        """Memory ceiling (RSS) and GPU memory: over 90% of either, NOT_SERVING."""
         limit = self.settings.memory_limit_mb * 2**20
         metrics.MEMORY_LIMIT.set(limit)
+        gpu = GpuMonitor()
         while True:
-            # /proc reads never block on disk; no thread needed.
-            await self.set_condition(
-                "memory", metrics.process_rss_bytes() > MEMORY_HIGH_WATER * limit
-            )
+            # /proc reads never block on disk; NVML reads take microseconds.
+            if limit:
+                await self.set_condition(
+                    "memory", metrics.process_rss_bytes() > MEMORY_HIGH_WATER * limit
+                )
+            if gpu.available:
+                readings = gpu.read()
+                await self.set_condition(
+                    "gpu_memory", any(r.memory_fraction > MEMORY_HIGH_WATER for r in readings)
+                )
             await asyncio.sleep(2.0)
 
     async def start(self) -> int:
@@ -133,7 +143,7 @@ class GrpcProgram:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + 8))
         self.server = aio.server(
             interceptors=[
-                ObservingInterceptor(settings.program, lambda: self._ready),
+                ObservingInterceptor(settings.program, lambda: self._ready, settings.model_id()),
                 *self._interceptors,
             ],
             options=channel_options(settings),
@@ -157,8 +167,7 @@ class GrpcProgram:
             extra={"address": f"{settings.host}:{self.port}", "services": self.service_names},
         )
         self._load_task = asyncio.create_task(self._load_model())
-        if settings.memory_limit_mb:
-            self._memory_task = asyncio.create_task(self._watch_memory())
+        self._memory_task = asyncio.create_task(self._watch_resources())
         return self.port
 
     async def _load_model(self) -> None:

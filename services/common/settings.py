@@ -24,6 +24,10 @@ class ServiceSettings(BaseSettings):
 
     #: Program name used in logs, metrics and health; subclasses override.
     program: ClassVar[str] = "service"
+    #: The model that serves when no model setting is set.
+    embedded_model: ClassVar[str] = ""
+    #: Settings that point at a model on disk; the first one set names the model in use.
+    model_settings: ClassVar[tuple[str, ...]] = ()
 
     host: str = Field(
         default="127.0.0.1",
@@ -72,6 +76,15 @@ class ServiceSettings(BaseSettings):
         description="Folder for derived model files that are slow to build and safe to "
         "delete (TALKER_CACHE_DIR is shared by all programs).",
     )
+
+    def model_id(self) -> str:
+        """The model this program serves with, as callers see it in the
+        `x-talker-model` response header (and the gateway's archive records)."""
+        for name in self.model_settings:
+            value = getattr(self, name, None)
+            if value:
+                return str(value)
+        return self.embedded_model
 
     @classmethod
     def load(cls, argv: list[str] | None = None) -> Self:

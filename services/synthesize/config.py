@@ -14,6 +14,7 @@ from services.common.settings import ServiceSettings, default_var_dir
 class SynthesizeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TALKER_SYNTHESIZE_", extra="ignore")
     program: ClassVar[str] = "synthesize"
+    embedded_model: ClassVar[str] = "piper (voices folder)"
 
     port: int = Field(default=50053, ge=0, le=65535, description="gRPC port.")
     metrics_port: int = Field(default=9153, ge=0, le=65535, description="/metrics port; 0 = off.")
@@ -78,3 +79,9 @@ class SynthesizeSettings(ServiceSettings):
         description="XTTS GPT tokens per streamed chunk (one token is ~46 ms of speech): "
         "fewer give the first audio sooner, at more decoder work per second of speech.",
     )
+
+    def model_id(self) -> str:
+        # Piper voices always; XTTS as well for cloned voices when it is configured.
+        if self.coqui_model_dir:
+            return f"{self.embedded_model} + xtts {self.coqui_model_dir}"
+        return self.embedded_model

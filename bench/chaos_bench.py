@@ -1,0 +1,154 @@
+"""Chaos: `kill -9` every program several times while a client asks one
+question after another through the gateway. Prints recovery time per program
+(kill to SERVING again, p50 / max) and what the client lost: turns in flight
+at a kill, attempts refused while a stage was down (each retried after
+0.5 s, as a client would), turns never answered, and partial files left."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from PIL import Image
+from skimage import data
+
+from bench.tables import percentile, print_table
+from services.common.health_probe import probe
+from talker.v1 import (
+    animate_pb2,
+    animate_pb2_grpc,
+    audio_pb2,
+    chat_pb2,
+    talker_pb2,
+    talker_pb2_grpc,
+)
+from tests.processes import Supervisor
+
+PROGRAMS = ["asr", "chat", "synthesize", "animate", "gateway"]
+KILLS = int(os.environ.get("TALKER_BENCH_KILLS", "3"))
+GIVE_UP_S = 30.0
+
+
+@dataclass
+class Client:
+    """Asks questions back to back; retries a refused one until GIVE_UP_S."""
+
+    stub: talker_pb2_grpc.TalkerServiceStub
+    avatar_id: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    attempts: list[tuple[float, float, bool]] = field(default_factory=list)  # start, end, ok
+    answered: int = 0
+    lost: int = 0
+
+    def ask_once(self, clip: bytes) -> bool:
+        request = talker_pb2.AskRequest(
+            audio=talker_pb2.AudioClip(
+                format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_WAV), audio=clip
+            ),
+            mode=talker_pb2.REPLY_MODE_AUDIO_VIDEO,
+            avatar_id=self.avatar_id,
+            sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=24),
+        )
+        started = time.monotonic()
+        try:
+            events = [r.event for r in self.stub.Ask(request, timeout=60)]
+            ok = events[-1].WhichOneof("event") == "turn_finished"
+        except grpc.RpcError:
+            ok = False
+        self.attempts.append((started, time.monotonic(), ok))
+        return ok
+
+    def run(self, clip: bytes) -> None:
+        while not self.stop.is_set():
+            first = time.monotonic()
+            while not self.ask_once(clip):
+                if time.monotonic() - first > GIVE_UP_S:
+                    self.lost += 1
+                    break
+                time.sleep(0.5)
+            else:
+                self.answered += 1
+
+
+def main() -> None:
+    from gateway.samples import spoken_question
+
+    with tempfile.TemporaryDirectory(prefix="talker-chaos-") as folder:
+        system = Supervisor(Path(folder))
+        system.start()
+        try:
+            for address in system.addresses.values():
+                system.wait_status(address, timeout_s=300)
+            buffer = io.BytesIO()
+            Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+            animate = animate_pb2_grpc.AnimateServiceStub(
+                grpc.insecure_channel(system.addresses["animate"])
+            )
+            avatar_id = animate.CreateAvatar(
+                animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="chaos")
+            ).avatar.avatar_id
+            stub = talker_pb2_grpc.TalkerServiceStub(
+                grpc.insecure_channel(system.addresses["gateway"])
+            )
+            client = Client(stub, avatar_id)
+            worker = threading.Thread(target=client.run, args=(spoken_question(),), daemon=True)
+            worker.start()
+            recoveries: dict[str, list[float]] = {p: [] for p in PROGRAMS}
+            kills: list[float] = []
+            for program in PROGRAMS:
+                for _ in range(KILLS):
+                    # Let a turn get under way, then kill.
+                    time.sleep(1.5)
+                    pid = int(system.ctl("pid", f"talker:{program}").stdout.strip())
+                    killed = time.monotonic()
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(killed)
+                    time.sleep(0.2)  # supervisord must notice the exit first
+                    while probe(system.addresses[program], timeout_s=0.5) != "SERVING":
+                        time.sleep(0.05)
+                    recoveries[program].append(time.monotonic() - killed)
+                    # Wait for the client to be answered again before the next kill.
+                    answered = client.answered
+                    deadline = time.monotonic() + 60
+                    while client.answered == answered and time.monotonic() < deadline:
+                        time.sleep(0.1)
+            client.stop.set()
+            worker.join(120)
+            archive = Path(folder) / "archive"
+            partial = [p for p in archive.rglob("*") if ".partial" in p.name]
+        finally:
+            system.stop()
+    rows = [
+        [p, len(v), percentile(v, 50), max(v) if v else float("nan")] for p, v in recoveries.items()
+    ]
+    print_table(
+        f"Recovery after kill -9 ({KILLS} kills each, a client asking throughout)",
+        ["program", "kills", "kill -> SERVING p50 s", "max s"],
+        rows,
+    )
+    in_flight = sum(
+        1 for start, end, ok in client.attempts if not ok and any(start <= k <= end for k in kills)
+    )
+    refused = sum(1 for _, _, ok in client.attempts if not ok) - in_flight
+    print_table(
+        "What the client saw",
+        [
+            "turns answered",
+            "failed: in flight at a kill",
+            "refused while down (retried)",
+            "turns lost",
+            "partial files",
+        ],
+        [[client.answered, in_flight, refused, client.lost, len(partial)]],
+    )
+
+
+if __name__ == "__main__":
+    main()
