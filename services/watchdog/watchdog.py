@@ -30,6 +30,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import start_metrics_endpoint
 from services.common.programs import PROGRAMS, program_settings
 from services.common.settings import ServiceSettings
+from services.watchdog.cleanup import clean_cache
 
 log = logging.getLogger("talker.watchdog")
 
@@ -70,6 +71,18 @@ class WatchdogSettings(ServiceSettings):
     )
     backoff_max_s: float = Field(
         default=300.0, gt=0, description="Longest wait between restarts of a crash-looping program."
+    )
+    cleanup_interval_s: float = Field(
+        default=600.0, gt=0, description="Seconds between runs of the disk cleaner."
+    )
+    cache_max_mb: int = Field(
+        default=20_000,
+        ge=0,
+        description="Derived-model cache above this (MiB) loses its least recently used "
+        "entries; 0 = no size bound.",
+    )
+    cache_max_age_days: float = Field(
+        default=30.0, ge=0, description="Cache entries unused this long are deleted; 0 = keep."
     )
     supervisor_url: str = Field(
         default="", description="supervisord's XML-RPC URL; empty: the unix socket in the var dir."
@@ -169,12 +182,26 @@ class Watchdog:
         )
         watch.next_restart_allowed = now + watch.backoff_s
 
+    def clean(self) -> None:
+        try:
+            clean_cache(
+                self.settings.cache_dir,
+                self.settings.cache_max_mb * 2**20,
+                self.settings.cache_max_age_days * 86400,
+            )
+        except OSError as error:  # a disk problem must not stop the health checks
+            log.error("cache cleaning failed", extra={"error": str(error)})
+
     def run_forever(self) -> None:
         log.info("watching", extra={"programs": {w.name: w.address for w in self.watches}})
+        next_clean = time.monotonic()
         while True:
             started = time.monotonic()
             for watch in self.watches:
                 self.check(watch, time.monotonic())
+            if started >= next_clean:
+                self.clean()
+                next_clean = started + self.settings.cleanup_interval_s
             time.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
 
 
