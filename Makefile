@@ -55,6 +55,13 @@ node_modules/.bin/buf: package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The TypeScript client's packages (tests/node_client_test.py builds and runs it).
+NODE_CLIENT := clients/node
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the Node client test will be skipped"; fi
+
 $(GEN)/.stamp: $(PROTOS) $(STAMP)
 	rm -rf gen && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
@@ -94,7 +101,7 @@ logs:
 	tail -n 50 $(TALKER_VAR_DIR)/log/*.log
 
 # ---- checks -----------------------------------------------------------------
-test: setup system-deps node_modules/.bin/buf
+test: setup system-deps node_modules/.bin/buf $(NODE_CLIENT)/node_modules/.installed
 	$(PY) -m pytest
 
 lint: setup system-deps node_modules/.bin/buf

@@ -57,3 +57,45 @@ def test_synthesize_through_grpcurl(system) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"finished"' in result.stdout and '"sample_rate_hz": 16000' in result.stdout
+
+
+def test_gateway_described_through_grpcurl(system) -> None:
+    result = grpcurl(system.addresses["gateway"], "describe", "talker.v1.TalkerService")
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)
+    assert "talker.v1.TalkerService is a service:" in result.stdout
+    assert (
+        "rpc Converse ( stream .talker.v1.ConverseRequest ) returns "
+        "( stream .talker.v1.ConverseResponse );" in result.stdout
+    )
+    assert "rpc Ask ( .talker.v1.AskRequest ) returns ( stream .talker.v1.AskResponse );" in (
+        result.stdout
+    )
+
+
+def test_text_ask_through_grpcurl_returns_the_trace_id_in_the_headers(system) -> None:
+    trace_id = "grpcurl-ask-test"
+    result = grpcurl(
+        "-v",
+        "-H",
+        f"x-trace-id: {trace_id}",
+        "-d",
+        json.dumps(
+            {
+                "text": "What is the capital of France?",
+                "mode": "REPLY_MODE_TEXT",
+                "sampling": {"greedy": True, "max_new_tokens": 32},
+            }
+        ),
+        system.addresses["gateway"],
+        "talker.v1.TalkerService/Ask",
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    # -v prints the response headers before the messages, and the trailers after them.
+    headers = result.stdout.split("Response headers received:", 1)[1].split("Response contents:")[0]
+    assert f"x-trace-id: {trace_id}" in headers, headers
+    messages = result.stdout.split("Response trailers received:")[0]
+    assert f'"trace_id": "{trace_id}"' in messages
+    last_event = messages.rsplit("Response contents:", 1)[1]
+    assert '"turn_finished"' in last_event and '"reply_text"' in last_event, last_event
