@@ -136,7 +136,9 @@ def test_no_gpu_means_no_gpu_series_and_no_effect_on_serving() -> None:
     monitor = GpuMonitor()
     if monitor.available:  # a GPU host: the readings must be real and sane
         readings = monitor.read()
-        assert readings and all(r.memory_total > 0 and 0 <= r.memory_fraction <= 1 for r in readings)
+        assert readings and all(
+            r.memory_total > 0 and 0 <= r.memory_fraction <= 1 for r in readings
+        )
         return
     assert monitor.unavailable_reason  # why: no library, no driver or no device
     assert monitor.read() == []
