@@ -66,6 +66,14 @@ class GatewaySettings(ServiceSettings):
         "this long before the call fails fast with UNAVAILABLE naming it.",
     )
 
+    speculative_replies: bool = Field(
+        default=True,
+        description="In Converse, start the reply when ASR hears a pause begin (its "
+        "speculative result), while the end of the utterance is still being timed; the "
+        "reply is held back until the final transcript confirms the guess, else thrown "
+        "away. Hides the end-of-utterance wait from the user at the cost of some "
+        "discarded work when people pause mid-sentence.",
+    )
     archive_dir: Path = Field(
         default_factory=lambda: default_var_dir() / "archive",
         description="Root of the archive: {root}/{date}/{user_id}_{timestamp}_{scene}.mp4 + .json.",

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway.downstream import Stages
-from gateway.turns import Turn
+from gateway.turns import Emit, HeldEmit, Turn
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded
 from talker.v1 import asr_pb2, talker_pb2
@@ -24,7 +24,7 @@ _END = object()
 # (gRPC flow control) instead of filling the gateway's memory.
 AUDIO_BACKLOG_CHUNKS = 500
 
-RunTurn = Callable[[Turn], Coroutine[Any, Any, None]]
+RunTurn = Callable[[Turn, Emit], Coroutine[Any, Any, None]]
 Interrupted = Callable[[Turn], Awaitable[None]]
 
 
@@ -39,7 +39,11 @@ class Conversation:
         interrupted: Interrupted,
         max_text_chars: int,
         max_call_s: float,
+        speculate: bool = True,
     ) -> None:
+        self.speculate = speculate
+        #: A reply started on ASR's speculative result, held back until the final confirms it.
+        self.guess: tuple[Turn, asyncio.Task[None], HeldEmit] | None = None
         self.stages = stages
         self.config = config
         self.session_id = session_id
@@ -152,6 +156,7 @@ class Conversation:
                     interim_results=config.interim_results,
                     end_of_utterance_silence_ms=config.end_of_utterance_silence_ms,
                     silence_timeout_s=config.silence_timeout_s,
+                    speculative_results=self.speculate,
                 )
             )
             while (chunk := await asr_input.get()) is not None:
@@ -172,21 +177,66 @@ class Conversation:
                 )
                 continue
             result = response.result
+            text = result.text.strip()
+            if not result.is_final:
+                if config.interim_results:
+                    await self.emit(
+                        talker_pb2.ConverseEvent(turn_index=self.next_turn, transcript=result)
+                    )
+                if result.speculative and text and self.speculate:
+                    await self._guess(text, result.language)
+                continue
             await self.emit(talker_pb2.ConverseEvent(turn_index=self.next_turn, transcript=result))
-            if result.is_final and result.text.strip():
-                started = self.end_of_utterance_at or time.perf_counter()
-                self.end_of_utterance_at = None
-                await self.start_turn(result.text.strip(), started, result.language, heard=True)
+            started = self.end_of_utterance_at or time.perf_counter()
+            self.end_of_utterance_at = None
+            if self.guess is not None and text and self.guess[0].user_text == text:
+                await self._confirm_guess(started)
+            elif text:
+                await self.start_turn(text, started, result.language, heard=True)
+            else:
+                await self._drop_guess()
 
     async def start_turn(
         self, text: str, started: float, language: str = "", heard: bool = False
     ) -> None:
+        await self._drop_guess()
         await self.interrupt()
         turn = Turn(index=self.next_turn, started=started, user_text=text, language=language)
         if heard:
             turn.mark("asr_final_ms")
         self.next_turn += 1
-        self.current = (turn, asyncio.create_task(self.run_turn(turn)))
+        self.current = (turn, asyncio.create_task(self.run_turn(turn, self.emit)))
+
+    async def _guess(self, text: str, language: str) -> None:
+        """Starts replying to what ASR heard when the pause began; nothing of it
+        reaches the client (or the chat history, or the archive) unless the final
+        transcript confirms it."""
+        if self.guess is not None and self.guess[0].user_text == text:
+            return
+        await self._drop_guess()
+        turn = Turn(index=self.next_turn, user_text=text, language=language)
+        held = HeldEmit(self.emit)
+        self.guess = (turn, asyncio.create_task(self.run_turn(turn, held)), held)
+
+    async def _confirm_guess(self, started: float) -> None:
+        assert self.guess is not None
+        turn, task, held = self.guess
+        self.guess = None
+        await self.interrupt()
+        turn.index = self.next_turn
+        turn.started = started
+        turn.mark("asr_final_ms")
+        self.next_turn += 1
+        self.current = (turn, task)
+        log.info("speculative reply confirmed", extra={"turn_index": turn.index})
+        await held.confirm(turn.index)
+
+    async def _drop_guess(self) -> None:
+        if self.guess is not None:
+            turn, task, _ = self.guess
+            self.guess = None
+            await self._cancel(task)
+            log.info("speculative reply dropped", extra={"heard": turn.user_text[:80]})
 
     async def interrupt(self) -> None:
         """Cuts the reply in progress, if any, and reports what was sent of it."""
@@ -211,6 +261,7 @@ class Conversation:
         await self.interrupted(turn)
 
     async def _cancel_turn(self) -> None:
+        await self._drop_guess()
         if self.current is not None:
             await self._cancel(self.current[1])
 

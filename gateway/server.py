@@ -21,6 +21,7 @@ from gateway.archive import Archive, Archivist
 from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
+from gateway.jobs import JobRpcs
 from gateway.turns import Reply, ReplyOptions, Turn
 from services.common.audio import decode_clip
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError, status_code_for
@@ -43,7 +44,8 @@ SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
 _END = object()
 
 
-class TalkerServicer(talker_pb2_grpc.TalkerServiceServicer):
+# JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py).
+class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
     def __init__(self, settings: GatewaySettings, stages: Stages) -> None:
         self.settings = settings
         self.stages = stages
@@ -442,6 +444,7 @@ def build_program(settings: GatewaySettings) -> GrpcProgram:
     async def on_stop() -> None:
         holder["sweeper"].cancel()
         await holder["servicer"].archivist.drain()
+        await holder["servicer"].close_job_queue()
         await holder["stages"].close()
 
     program = GrpcProgram(

@@ -57,15 +57,24 @@ class Turn:
     frames: int = 0
     mp4: bytearray = field(default_factory=bytearray)
     render: animate_pb2.RenderResult | None = None
-    timings: talker_pb2.TurnTimings = field(default_factory=talker_pb2.TurnTimings)
+    #: When each milestone (a TurnTimings field name) was first reached (perf_counter).
+    reached: dict[str, float] = field(default_factory=dict)
 
     def mark(self, milestone: str) -> None:
-        """Records the first time a milestone is reached, in ms since the turn started."""
-        if not getattr(self.timings, milestone):
-            setattr(self.timings, milestone, max(1, self.elapsed_ms()))
+        """Records the first time a milestone is reached."""
+        self.reached.setdefault(milestone, time.perf_counter())
 
-    def elapsed_ms(self) -> int:
-        return round((time.perf_counter() - self.started) * 1000)
+    @property
+    def timings(self) -> talker_pb2.TurnTimings:
+        """ms from the start of the turn to each milestone. A speculative reply
+        can reach one before its turn officially starts (the end of the
+        utterance): those count as 1 ms, since 0 means "did not happen"."""
+        return talker_pb2.TurnTimings(
+            **{
+                name: max(1, round((moment - self.started) * 1000))
+                for name, moment in self.reached.items()
+            }
+        )
 
     @property
     def reply_text(self) -> str:
@@ -77,6 +86,30 @@ class Turn:
 
     def event(self, **kind: Any) -> talker_pb2.ConverseEvent:
         return talker_pb2.ConverseEvent(turn_index=self.index, **kind)
+
+
+class HeldEmit:
+    """The events of a speculative reply, held back until the guess is
+    confirmed (the final transcript says what the speculation heard), then
+    sent in order and from then on passed straight through."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self._held: list[talker_pb2.ConverseEvent] = []
+        self.confirmed = asyncio.Event()
+
+    async def __call__(self, event: talker_pb2.ConverseEvent) -> None:
+        if self.confirmed.is_set():
+            await self._emit(event)
+        else:
+            self._held.append(event)
+
+    async def confirm(self, turn_index: int) -> None:
+        for event in self._held:
+            event.turn_index = turn_index
+            await self._emit(event)
+        self._held.clear()
+        self.confirmed.set()
 
 
 class Reply:
@@ -91,7 +124,9 @@ class Reply:
         user_id: str,
         turn: Turn,
         emit: Emit,
+        speculative: bool = False,
     ) -> None:
+        self.speculative = speculative
         self.stages = stages
         self.settings = settings
         self.options = options
@@ -127,6 +162,7 @@ class Reply:
             text=turn.user_text,
             user_id=self.user_id,
             sampling=self.options.sampling,
+            speculative=self.speculative,
         )
         stub = self.stages.chat_stub
         try:

@@ -97,6 +97,21 @@ def test_previous_final_text_becomes_the_next_prompt(asr_engine) -> None:
     assert recognizer._prompt() == f"Weather report. {finals[0].text}"
 
 
+def test_the_speculative_result_comes_early_and_the_final_repeats_it(asr_engine) -> None:
+    recognizer = StreamingRecognizer(
+        asr_engine, stream_options(interim_results=False, speculative_results=True)
+    )
+    audio = np.concatenate([VOICES["piper"](SENTENCES[3]), silence(1.0)])
+    outputs = feed_in_chunks(recognizer, audio)
+    results = [o for o in outputs if isinstance(o, Result)]
+    assert [(r.is_final, r.speculative) for r in results] == [(False, True), (True, False)]
+    assert results[0].text == results[1].text
+    # The guess came before the end of the utterance was decided.
+    assert outputs.index(results[0]) < next(
+        i for i, o in enumerate(outputs) if isinstance(o, EndOfUtterance)
+    )
+
+
 def test_silence_timeout_ends_a_stream_nobody_speaks_into(asr_engine) -> None:
     recognizer = StreamingRecognizer(asr_engine, stream_options(silence_timeout_s=2.0))
     outputs = feed_in_chunks(recognizer, silence(3.0))

@@ -24,6 +24,7 @@ from talker.v1 import (
     asr_pb2,
     audio_pb2,
     chat_pb2,
+    chat_pb2_grpc,
     talker_pb2,
     talker_pb2_grpc,
 )
@@ -195,6 +196,38 @@ def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
         if "test-barge-in" in line and '"call finished"' in line
     ]
     assert [c["code"] for c in chat_calls] == ["CANCELLED", "OK"], chat_calls
+
+
+def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) -> None:
+    # A pause mid-question, longer than the speculation point (64 ms) but shorter
+    # than the end of the utterance (500 ms): the reply started on the first half
+    # must vanish, and only the whole question be answered and remembered.
+    config = talker_pb2.ConverseConfig(
+        user_id="device-3",
+        mode=talker_pb2.REPLY_MODE_TEXT,
+        sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=24),
+    )
+    steps = [
+        speech(piper_speech("Please tell me")),
+        pause(silence(0.3)),
+        speech(piper_speech("the capital of France.")),
+        pause(silence(1.5)),
+    ]
+    session = converse(gateway, config, steps, trace_id="test-guess")
+    assert session.error is None, session.error
+    finals = session.finals()
+    assert len(finals) == 1 and "france" in finals[0].event.transcript.text.lower()
+    assert [r.event.turn_index for r in session.of("turn_finished")] == [0]
+    assert not session.of("interrupted") and not session.of("error")
+    gateway_log = system.log("gateway")
+    assert (
+        '"speculative reply dropped"' in gateway_log
+        or '"speculative reply confirmed"' in gateway_log
+    )
+    chat_stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(system.addresses["chat"]))
+    session_id = session.first("started").event.started.session_id
+    turns = chat_stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id)).session.turns
+    assert len(turns) == 2 and "france" in turns[0].text.lower(), turns
 
 
 def test_ask_with_text_streams_audio_and_returns_the_trace_id(gateway) -> None:

@@ -190,6 +190,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             single_utterance=config.single_utterance,
             vad_threshold=settings.vad_threshold,
             max_utterance_s=settings.max_utterance_s,
+            speculative_results=config.speculative_results,
         )
         return layout, options
 
@@ -264,6 +265,7 @@ def stream_messages(outputs: list[StreamOutput]) -> list[asr_pb2.StreamingRecogn
                         end_ms=output.end_ms,
                         utterance_index=output.utterance_index,
                         stability=output.stability,
+                        speculative=output.speculative,
                         segments=[
                             asr_pb2.Segment(
                                 text=output.text,

@@ -50,6 +50,7 @@ class StreamOptions:
     single_utterance: bool
     vad_threshold: float
     max_utterance_s: float
+    speculative_results: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Result:
     utterance_index: int
     stability: float
     no_speech_probability: float = 0.0
+    speculative: bool = False
 
 
 StreamOutput = SpeechStarted | EndOfUtterance | SilenceTimeout | Result
@@ -214,8 +216,8 @@ class StreamingRecognizer:
             if utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS:
                 text = self._decode(utterance.joined(), "speculative")
                 utterance.speculative = (utterance.last_speech_end, text)
-                if options.interim_results:
-                    self._emit_interim(utterance, text, outputs)
+                if options.interim_results or options.speculative_results:
+                    self._emit_interim(utterance, text, outputs, speculative=True)
             if utterance.silence_ms >= options.end_of_utterance_silence_ms:
                 decided = time.perf_counter()
                 outputs.append(EndOfUtterance(self.audio_ms))
@@ -249,10 +251,16 @@ class StreamingRecognizer:
         self._emit_interim(utterance, self._decode(audio, kind), outputs)
 
     def _emit_interim(
-        self, utterance: _Utterance, decoded: UtteranceText, outputs: list[StreamOutput]
+        self,
+        utterance: _Utterance,
+        decoded: UtteranceText,
+        outputs: list[StreamOutput],
+        speculative: bool = False,
     ) -> None:
         text = clean_text(decoded)
-        if not text or text == utterance.last_interim:
+        # A speculative result is sent even when it repeats the last interim: it
+        # is the caller's signal that the final will say this, if the pause lasts.
+        if not text or (text == utterance.last_interim and not speculative):
             return
         stability = prefix_agreement(utterance.last_interim, text)
         utterance.last_interim = text
@@ -266,6 +274,7 @@ class StreamingRecognizer:
                 utterance_index=self._utterance_index,
                 stability=stability,
                 no_speech_probability=decoded.no_speech_probability,
+                speculative=speculative,
             )
         )
 

@@ -8,6 +8,11 @@ GGUF files are dequantised on load (~16 s for the 135M default). The result
 is saved once as safetensors in the cache, keyed by the file's name, size,
 mtime and a hash of its first and last MiB, so a restart loads in well under
 a second.
+
+Llama-architecture models (the default included) then run on the small torch
+implementation in `llama.py` rather than transformers' modeling code, whose
+imports alone took ~2.4 s of CPU: that is what brings a restart under 3 s.
+The tokenizer, chat template and GGUF conversion stay transformers'.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 from prometheus_client import Counter, Histogram
 
+from services.chat import llama
 from services.chat.config import ChatSettings
 from services.common.cache_files import remove_stale_partials
 from services.common.errors import PreconditionFailed
@@ -173,19 +179,21 @@ class ChatModel:
         self.model: Any = None
         self.tokenizer: Any = None
         self.source: ModelSource | None = None
+        self.folder: Path | None = None  # the HF folder loaded (the cache, for a GGUF)
         self.loaded_from = ""  # "cache" | "gguf" | "folder"
+        self.implementation = ""  # "builtin-llama" | "transformers"
         self.eos_ids: set[int] = set()
         self.dtype_name = "float32"
         self.prefixes = PrefixCache(settings.kv_cache_sessions)
 
     # ---- loading -----------------------------------------------------------
     def load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # Progress bars and deprecation chatter would break the JSON log lines
+        # (the GGUF converter uses tqdm directly, hence the environment switch,
+        # set before tqdm is first imported).
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as transformers_logging
 
-        # Progress bars and deprecation chatter would break the JSON log lines
-        # (the GGUF converter uses tqdm directly, hence the environment switch).
-        os.environ.setdefault("TQDM_DISABLE", "1")
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
 
@@ -198,15 +206,30 @@ class ChatModel:
             folder, self.loaded_from = source.folder, "folder"
         else:
             folder = self._cached_gguf(source, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        self.model.eval()
+        self.folder = folder
+        eos: Any
+        if self.settings.builtin_llama and llama.supports(folder):
+            # Not AutoTokenizer: it reads the config through transformers' Llama
+            # config module, which imports the whole modeling stack (~2 s).
+            from transformers import PreTrainedTokenizerFast
+
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+            self.model = llama.LlamaForCausalLM.load(folder, dtype)
+            self.implementation = "builtin-llama"
+            eos = llama.eos_token_ids(folder)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            self.model.eval()
+            self.implementation = "transformers"
+            eos = self.model.generation_config.eos_token_id
         if self.require_chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise PreconditionFailed(
                 f"The chat model {source.model_id} has no chat template: it is a base model, "
                 "not an instruction-tuned one, and cannot hold a conversation."
             )
-        eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -215,10 +238,17 @@ class ChatModel:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
                 self.eos_ids.add(token_id)
         self._warm_up()
+        log.info(
+            "chat model loaded",
+            extra={
+                "model": source.model_id,
+                "loaded_from": self.loaded_from,
+                "implementation": self.implementation,
+                "dtype": self.dtype_name,
+            },
+        )
 
     def _cached_gguf(self, source: ModelSource, dtype: torch.dtype) -> Path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         assert source.gguf_file is not None
         gguf = source.folder / source.gguf_file
         key = gguf_cache_key(gguf)
@@ -226,6 +256,8 @@ class ChatModel:
         if (target / "config.json").is_file():
             self.loaded_from = "cache"
             return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(
@@ -348,8 +380,6 @@ class ChatModel:
     def _reusable_cache(self, session_key: str | None, prompt_ids: list[int]) -> tuple[Any, int]:
         """The session's cache cropped to the longest prefix it shares with this
         prompt (leaving at least one new token to feed), or a fresh cache."""
-        from transformers import DynamicCache
-
         entry = self.prefixes.take(session_key) if session_key else None
         if entry is not None:
             cached_ids, cache = entry
@@ -362,6 +392,10 @@ class ChatModel:
                         return cache, keep
             except (RuntimeError, ValueError):
                 pass  # a cache kind that cannot roll back: start afresh
+        if self.implementation == "builtin-llama":
+            return llama.KVCache(), 0
+        from transformers import DynamicCache
+
         return DynamicCache(config=self.model.config), 0
 
     @staticmethod

@@ -91,6 +91,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     loop.call_soon_threadsafe(deltas.put_nowait, _DONE)
 
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
+            complete = False
             try:
                 while (delta := await deltas.get()) is not _DONE:
                     assert isinstance(delta, str)
@@ -102,17 +103,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 for sentence in splitter.flush():
                     yield _sentence(sentence_index, sentence)
                     sentence_index += 1
+                complete = True
             finally:
                 # The caller went away (or barged in): stop within a token, and keep
                 # the slot until the model is really idle again.
                 stop.set()
                 await asyncio.shield(worker)
                 reply = run.text.strip()
-                session.add_exchange(
-                    Message("user", text, self.model.count_tokens(text)),
-                    Message("assistant", reply, self.model.count_tokens(reply)),
-                    self.settings.max_turns,
-                )
+                if complete or not request.speculative:
+                    session.add_exchange(
+                        Message("user", text, self.model.count_tokens(text)),
+                        Message("assistant", reply, self.model.count_tokens(reply)),
+                        self.settings.max_turns,
+                    )
+                else:
+                    log.info("speculative reply discarded", extra={"session_id": session_id})
             log.info(
                 "reply finished",
                 extra={
