@@ -160,6 +160,7 @@ def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
     config = talker_pb2.ConverseConfig(
         user_id="device-2",
         mode=talker_pb2.REPLY_MODE_AUDIO,
+        silence_timeout_s=300,  # a busy machine may think for a while; the device waits
         sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=96),
     )
     follow_up = "What colour is the sky?"
@@ -195,7 +196,8 @@ def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
         for line in system.log("chat").splitlines()
         if "test-barge-in" in line and '"call finished"' in line
     ]
-    assert [c["code"] for c in chat_calls] == ["CANCELLED", "OK"], chat_calls
+    codes = [c["code"] for c in chat_calls]  # (a dropped speculative guess is one more CANCELLED)
+    assert "CANCELLED" in codes and codes[-1] == "OK", chat_calls
 
 
 def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) -> None:
