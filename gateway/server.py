@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 from grpc_health.v1 import health_pb2
+from prometheus_client import Counter, Histogram
 
 from gateway.access import ApiKeyInterceptor, server_credentials
 from gateway.archive import Archive, Archivist
@@ -22,10 +23,11 @@ from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
-from gateway.turns import Reply, ReplyOptions, Turn
+from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn
 from services.common.audio import decode_clip
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError, status_code_for
 from services.common.ids import check_id
+from services.common.metrics import LATENCY_BUCKETS
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
 from talker.v1 import (
@@ -39,6 +41,15 @@ from talker.v1 import (
 )
 
 log = logging.getLogger("talker.gateway")
+
+TURNS = Counter("talker_gateway_turns_total", "Turns ended, by outcome.", ["outcome"])
+MILESTONE_SECONDS = Histogram(
+    "talker_gateway_turn_milestone_seconds",
+    "Time from the start of a turn (end of the utterance, or the question's arrival) to "
+    "each milestone: asr_final, first_token, first_sentence, first_audio, first_frame, total.",
+    ["milestone"],
+    buckets=LATENCY_BUCKETS,
+)
 
 SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
 _END = object()
@@ -179,12 +190,11 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         options = reply_options(config)
         await self._check_ids(options)
 
-        async def run_turn(turn: Turn) -> None:
-            await self._run_turn(
-                turn, options, session_id, user_id, scene, trace_id, conversation.emit
-            )
+        async def run_turn(turn: Turn, emit: Any) -> None:
+            await self._run_turn(turn, options, session_id, user_id, scene, trace_id, emit)
 
         async def interrupted(turn: Turn) -> None:
+            TURNS.labels("interrupted").inc()
             record = self._record(
                 turn, options, session_id, user_id, scene, trace_id, "interrupted"
             )
@@ -199,6 +209,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             interrupted,
             self.settings.max_question_chars,
             self.settings.converse_max_s,
+            self.settings.speculative_replies,
         )
         log.info("converse", extra={"session_id": session_id, "user_id": user_id, "scene": scene})
         async for event in conversation.run(request_iterator):
@@ -216,16 +227,28 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         emit: Any,
         end_on_error: bool = False,
     ) -> None:
-        reply = Reply(self.stages, self.settings, options, session_id, user_id, turn, emit)
+        reply = Reply(
+            self.stages,
+            self.settings,
+            options,
+            session_id,
+            user_id,
+            turn,
+            emit,
+            speculative=isinstance(emit, HeldEmit),
+        )
         try:
             await reply.run()
         except TalkerError as error:
+            if isinstance(emit, HeldEmit):
+                await emit.confirmed.wait()
             failure = as_stage_failure(error)
             log.warning(
                 "turn failed",
                 extra={"turn_index": turn.index, "stage": failure.stage, "code": failure.code.name},
             )
             record = self._record(turn, options, session_id, user_id, scene, trace_id, "error")
+            TURNS.labels("error").inc()
             record["error"] = {
                 "stage": failure.stage,
                 "code": failure.code.name,
@@ -236,7 +259,12 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
                 raise failure from None
             await emit(turn.event(error=failure.turn_error(trace_id)))
             return
-        turn.timings.total_ms = turn.elapsed_ms()
+        if isinstance(emit, HeldEmit):
+            await emit.confirmed.wait()  # a guess that is never confirmed leaves no trace
+        turn.mark("total_ms")
+        TURNS.labels("finished").inc()
+        for name, value in turn.timings.ListFields():
+            MILESTONE_SECONDS.labels(name.name.removesuffix("_ms")).observe(value / 1000)
         record = self._record(turn, options, session_id, user_id, scene, trace_id, "finished")
         render = self._archive_renderer(options) if options.avatar_id else None
         path = await self.archivist.keep(

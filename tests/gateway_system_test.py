@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import urllib.request
 from datetime import UTC, datetime
 
 import av
@@ -232,7 +233,7 @@ def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) ->
     assert len(turns) == 2 and "france" in turns[0].text.lower(), turns
 
 
-def test_ask_with_text_streams_audio_and_returns_the_trace_id(gateway) -> None:
+def test_ask_with_text_streams_audio_and_returns_the_trace_id(system, gateway) -> None:
     call = gateway.Ask(
         talker_pb2.AskRequest(text=QUESTION, mode=talker_pb2.REPLY_MODE_AUDIO),
         metadata=[("x-trace-id", "test-ask-text")],
@@ -245,6 +246,13 @@ def test_ask_with_text_streams_audio_and_returns_the_trace_id(gateway) -> None:
     assert "video_frame" not in kinds
     finished = events[-1].turn_finished
     assert "paris" in finished.reply_text.lower() and finished.archive_path.endswith(".wav")
+    # Per-stage latency histograms on the gateway's /metrics.
+    port = system.metrics_ports["gateway"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        metrics = answer.read().decode()
+    for milestone in ("first_token", "first_sentence", "first_audio", "total"):
+        assert f'talker_gateway_turn_milestone_seconds_count{{milestone="{milestone}"}}' in metrics
+    assert 'talker_gateway_turns_total{outcome="finished"}' in metrics
 
 
 BAD_ASKS = [
