@@ -86,7 +86,13 @@ class ChatSettings(ServiceSettings):
     max_new_tokens: int = Field(
         default=160, ge=1, le=4096, description="Default and cap of tokens per reply."
     )
-    temperature: float = Field(default=0.6, gt=0, le=2, description="Default temperature.")
+    temperature: float = Field(
+        default=0.3,
+        gt=0,
+        le=2,
+        description="Default temperature. 0.3: at 0.6 the 135M default model wandered off "
+        "in about 1 of 4 short answers here ('L'Alma - France is a country'); at 0.3 none of 12.",
+    )
     top_p: float = Field(default=0.9, gt=0, le=1, description="Default nucleus mass.")
     repetition_penalty: float = Field(
         default=1.1,
