@@ -8,6 +8,8 @@ VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export TALKER_VAR_DIR ?= $(ROOT)/var
+# Render job workers supervisord runs (supervisor/supervisord.conf numprocs).
+export TALKER_JOBS_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 SUPERVISOR_CONF := $(ROOT)/supervisor/supervisord.conf
@@ -46,6 +48,7 @@ system-deps:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -78,7 +81,7 @@ $(SAMPLES): $(STAMP)
 setup: $(STAMP) proto $(SAMPLES)
 
 # ---- running ----------------------------------------------------------------
-run: setup
+run: setup system-deps
 	@mkdir -p $(TALKER_VAR_DIR)/log $(TALKER_VAR_DIR)/run
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 	  echo "supervisord is running: updating programs"; $(SUPERVISORCTL) update; $(SUPERVISORCTL) start talker:*; \
@@ -107,8 +110,11 @@ test: setup system-deps node_modules/.bin/buf $(NODE_CLIENT)/node_modules/.insta
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway
+	$(VENV)/bin/mypy services gateway jobs
 	npx --no-install buf lint
+	@# Kubernetes manifests against the API schemas bundled in kubernetes-validate
+	@# (offline); 1.30: the oldest release we promise (gRPC probes are GA since 1.27).
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k 1.30.0 deploy/*.yaml
 	@# Contracts must not break generated clients: compare with the last commit
 	@# (uncommitted proto changes) or with the commit before it.
 	@if ! git diff --quiet HEAD -- protos buf.yaml 2>/dev/null; then against=HEAD; \

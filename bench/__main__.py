@@ -7,6 +7,7 @@ from bench import (
     chat_bench,
     chat_models,
     gateway_bench,
+    jobs_bench,
     synthesize_bench,
 )
 
@@ -16,6 +17,7 @@ BENCHES = {
     "synthesize": synthesize_bench.main,
     "animate": animate_bench.main,
     "gateway": gateway_bench.main,
+    "jobs": jobs_bench.main,
     "chaos": chaos_bench.main,
 }
 # Run on request only: a model comparison, not a speed benchmark.

@@ -41,6 +41,12 @@ class Supervisor:
             port = free_port()
             self.addresses[program] = f"127.0.0.1:{port}"
             ports[f"TALKER_{program.upper()}_PORT"] = str(port)
+        # Redis on a free port too, and the job queue pointed at it; one render
+        # worker unless the test asks for more (TALKER_JOBS_WORKERS in `env`).
+        self.redis_port = free_port()
+        ports["TALKER_REDIS_PORT"] = str(self.redis_port)
+        ports["TALKER_JOBS_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        ports["TALKER_JOBS_WORKERS"] = "1"
         self.env = {**os.environ, "TALKER_VAR_DIR": str(var_dir), **ports, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
