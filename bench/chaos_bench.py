@@ -9,24 +9,18 @@ a client would), turns never answered, and partial files left."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
-from PIL import Image
-from skimage import data
 
+from bench.system import running_system
 from bench.tables import percentile, print_table
 from services.common.health_probe import probe
 from talker.v1 import (
-    animate_pb2,
-    animate_pb2_grpc,
     audio_pb2,
     chat_pb2,
     talker_pb2,
@@ -107,56 +101,36 @@ def hang_once(system: Supervisor, program: str) -> float:
 def main() -> None:
     from gateway.samples import spoken_question
 
-    with tempfile.TemporaryDirectory(prefix="talker-chaos-") as folder:
-        # A shorter startup grace than the default 60 s, so a hang right after the
-        # first load counts; the probing itself is the default.
-        system = Supervisor(Path(folder), {"TALKER_WATCHDOG_STARTUP_GRACE_S": "15"})
-        system.start()
-        try:
-            for address in system.addresses.values():
-                system.wait_status(address, timeout_s=300)
-            buffer = io.BytesIO()
-            Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-            animate = animate_pb2_grpc.AnimateServiceStub(
-                grpc.insecure_channel(system.addresses["animate"])
-            )
-            avatar_id = animate.CreateAvatar(
-                animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="chaos")
-            ).avatar.avatar_id
-            stub = talker_pb2_grpc.TalkerServiceStub(
-                grpc.insecure_channel(system.addresses["gateway"])
-            )
-            hangs: dict[str, float] = {}
-            for program in PROGRAMS:
-                hangs[program] = hang_once(system, program)
-            client = Client(stub, avatar_id)
-            worker = threading.Thread(target=client.run, args=(spoken_question(),), daemon=True)
-            worker.start()
-            recoveries: dict[str, list[float]] = {p: [] for p in PROGRAMS}
-            kills: list[float] = []
-            for program in PROGRAMS:
-                for _ in range(KILLS):
-                    # Let a turn get under way, then kill.
-                    time.sleep(1.5)
-                    pid = int(system.ctl("pid", f"talker:{program}").stdout.strip())
-                    killed = time.monotonic()
-                    os.kill(pid, signal.SIGKILL)
-                    kills.append(killed)
-                    time.sleep(0.2)  # supervisord must notice the exit first
-                    while probe(system.addresses[program], timeout_s=0.5) != "SERVING":
-                        time.sleep(0.05)
-                    recoveries[program].append(time.monotonic() - killed)
-                    # Wait for the client to be answered again before the next kill.
-                    answered = client.answered
-                    deadline = time.monotonic() + 60
-                    while client.answered == answered and time.monotonic() < deadline:
-                        time.sleep(0.1)
-            client.stop.set()
-            worker.join(120)
-            archive = Path(folder) / "archive"
-            partial = [p for p in archive.rglob("*") if ".partial" in p.name]
-        finally:
-            system.stop()
+    # A shorter startup grace than the default 60 s, so a hang right after the
+    # first load counts; the probing itself is the default.
+    with running_system({"TALKER_WATCHDOG_STARTUP_GRACE_S": "15"}) as (system, avatar_id):
+        hangs = {program: hang_once(system, program) for program in PROGRAMS}
+        stub = talker_pb2_grpc.TalkerServiceStub(grpc.insecure_channel(system.addresses["gateway"]))
+        client = Client(stub, avatar_id)
+        worker = threading.Thread(target=client.run, args=(spoken_question(),), daemon=True)
+        worker.start()
+        recoveries: dict[str, list[float]] = {p: [] for p in PROGRAMS}
+        kills: list[float] = []
+        for program in PROGRAMS:
+            for _ in range(KILLS):
+                time.sleep(1.5)  # let a turn get under way, then kill
+                pid = int(system.ctl("pid", f"talker:{program}").stdout.strip())
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                kills.append(killed)
+                time.sleep(0.2)  # supervisord must notice the exit first
+                while probe(system.addresses[program], timeout_s=0.5) != "SERVING":
+                    time.sleep(0.05)
+                recoveries[program].append(time.monotonic() - killed)
+                # The client must be answered again before the next kill.
+                answered = client.answered
+                deadline = time.monotonic() + 60
+                while client.answered == answered and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        client.stop.set()
+        worker.join(120)
+        archive = system.var_dir / "archive"
+        partial = [p for p in archive.rglob("*") if ".partial" in p.name]
     print_table(
         "Hung program (SIGSTOP) to SERVING again in a new process, default watchdog probing",
         ["program", "SIGSTOP -> SERVING s"],

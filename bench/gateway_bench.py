@@ -12,17 +12,13 @@ gateway adds on that hop (its own parsing, checks, forwarding and queueing)."""
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
-from PIL import Image
-from skimage import data
 
+from bench.system import running_system
 from bench.tables import percentile, print_table
 from talker.v1 import (
     animate_pb2,
@@ -249,27 +245,10 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="talker-bench-") as folder:
-        system = Supervisor(Path(folder))
-        system.start()
-        try:
-            for address in system.addresses.values():
-                system.wait_status(address, timeout_s=300)
-            buffer = io.BytesIO()
-            Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-            animate = animate_pb2_grpc.AnimateServiceStub(
-                grpc.insecure_channel(system.addresses["animate"])
-            )
-            avatar_id = animate.CreateAvatar(
-                animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="bench")
-            ).avatar.avatar_id
-            stub = talker_pb2_grpc.TalkerServiceStub(
-                grpc.insecure_channel(system.addresses["gateway"])
-            )
-            spoken_turns(stub, avatar_id)
-            hop_overhead(system, avatar_id)
-        finally:
-            system.stop()
+    with running_system() as (system, avatar_id):
+        stub = talker_pb2_grpc.TalkerServiceStub(grpc.insecure_channel(system.addresses["gateway"]))
+        spoken_turns(stub, avatar_id)
+        hop_overhead(system, avatar_id)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
+from gateway.archive import wav_bytes
 from services.common.programs import PROGRAMS, program_settings
 from talker.v1 import (
     animate_pb2,
@@ -106,18 +107,6 @@ def write_atomically(path: Path, data: bytes) -> None:
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise CliError(f"Cannot write {path}: {error.strerror}.") from None
-
-
-def wav_bytes(pcm: bytes, rate: int) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(rate)
-        file.writeframes(pcm)
-    return buffer.getvalue()
 
 
 def clip_of(data: bytes, path: str) -> talker_pb2.AudioClip:

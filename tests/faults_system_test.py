@@ -6,7 +6,6 @@ itself is restarted and everything comes back."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
@@ -14,12 +13,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from PIL import Image
-from skimage import data
 
 from services.common.health_probe import probe
-from talker.v1 import animate_pb2, animate_pb2_grpc, chat_pb2, talker_pb2, talker_pb2_grpc
+from talker.v1 import chat_pb2, talker_pb2, talker_pb2_grpc
 from tests.device import Received, call, converse, pause, speech, text, wait_for
+from tests.portrait import create_astronaut
 from tests.processes import Supervisor
 from tests.speech import piper_speech, silence
 
@@ -47,11 +45,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
 
 @pytest.fixture(scope="module")
 def avatar_id(faulty: Supervisor) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-    stub = animate_pb2_grpc.AnimateServiceStub(grpc.insecure_channel(faulty.addresses["animate"]))
-    request = animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="astronaut")
-    return str(stub.CreateAvatar(request, timeout=120).avatar.avatar_id)
+    return create_astronaut(faulty.addresses["animate"])
 
 
 def kill_9(system: Supervisor, program: str) -> None:

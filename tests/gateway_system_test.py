@@ -4,7 +4,6 @@ every log; barge-in; a stopped stage named within 2 s; bad ids refused."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import urllib.request
@@ -20,8 +19,6 @@ from skimage import data
 from gateway.samples import spoken_question
 from services.common.health_probe import probe
 from talker.v1 import (
-    animate_pb2,
-    animate_pb2_grpc,
     asr_pb2,
     audio_pb2,
     chat_pb2,
@@ -30,6 +27,7 @@ from talker.v1 import (
     talker_pb2_grpc,
 )
 from tests.device import converse, pause, speech, wait_for
+from tests.portrait import create_astronaut
 from tests.processes import VENV_BIN
 from tests.speech import piper_speech, silence, to_wav, word_error_rate
 
@@ -46,11 +44,7 @@ def gateway(system) -> talker_pb2_grpc.TalkerServiceStub:  # type: ignore[no-unt
 
 @pytest.fixture(scope="module")
 def avatar_id(system) -> str:  # type: ignore[no-untyped-def]
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-    stub = animate_pb2_grpc.AnimateServiceStub(grpc.insecure_channel(system.addresses["animate"]))
-    request = animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="astronaut")
-    return str(stub.CreateAvatar(request, timeout=120).avatar.avatar_id)
+    return create_astronaut(system.addresses["animate"])
 
 
 def streams_of(path) -> dict[str, tuple[str, float]]:  # type: ignore[no-untyped-def]

@@ -6,18 +6,14 @@ printed into the test log."""
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 from pathlib import Path
 
-import grpc
 import pytest
-from PIL import Image
-from skimage import data
 
 from gateway.samples import QUESTION, spoken_question
-from talker.v1 import animate_pb2, animate_pb2_grpc
+from tests.portrait import create_astronaut
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "clients" / "node"
@@ -48,11 +44,7 @@ def examples() -> Path:
 
 @pytest.fixture(scope="module")
 def avatar_id(system) -> str:  # type: ignore[no-untyped-def]
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-    stub = animate_pb2_grpc.AnimateServiceStub(grpc.insecure_channel(system.addresses["animate"]))
-    request = animate_pb2.CreateAvatarRequest(image=buffer.getvalue(), display_name="astronaut")
-    return str(stub.CreateAvatar(request, timeout=120).avatar.avatar_id)
+    return create_astronaut(system.addresses["animate"])
 
 
 def summary_of(
