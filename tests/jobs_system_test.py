@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from PIL import Image
 from skimage import data
 
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2, talker_pb2, talker_pb2_grpc
-from tests.processes import Supervisor
+from tests.processes import VENV_BIN, Supervisor
 from tests.speech import piper_speech, to_wav
 
 pytestmark = pytest.mark.skipif(
@@ -311,3 +312,49 @@ def test_bad_job_requests_get_clear_errors(
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "user_id" in error.details()
     error = error_of(gateway.ListJobs, talker_pb2.ListJobsRequest(page_token="not-a-token"))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpcurl_submits_follows_and_lists_a_job(
+    jobs_system: Supervisor, animate: animate_pb2_grpc.AnimateServiceStub
+) -> None:
+    """The README's operator examples, through server reflection (grpcurl prints
+    proto field names)."""
+    address = jobs_system.addresses["gateway"]
+    avatar = animate.ListAvatars(animate_pb2.ListAvatarsRequest(), timeout=10).avatars[0].avatar_id
+
+    def grpcurl(method: str, body: dict[str, object], *extra: str) -> dict:  # type: ignore[type-arg]
+        result = subprocess.run(
+            [str(VENV_BIN / "grpcurl"), "-plaintext", *extra, "-d", json.dumps(body), address,
+             f"talker.v1.TalkerService/{method}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    submitted = grpcurl(
+        "SubmitRender",
+        {
+            "user_id": "ops",
+            "scene": "grpcurl",
+            "avatar_id": avatar,
+            "script": "Hello from the command line.",
+            "priority": "JOB_PRIORITY_HIGH",
+        },
+        "-H", "x-trace-id: grpcurl-job",
+    )  # fmt: skip
+    job_id = submitted["job"]["job_id"]
+    assert submitted["job"]["state"] == "JOB_STATE_QUEUED"
+    deadline = time.monotonic() + 60
+    while (job := grpcurl("GetJob", {"job_id": job_id})["job"])["state"] != "JOB_STATE_DONE":
+        assert time.monotonic() < deadline and job["state"] != "JOB_STATE_FAILED", job
+        time.sleep(0.3)
+    assert job["archive_path"].endswith("_grpcurl.mp4") and job["trace_id"] == "grpcurl-job"
+    assert job["result"]["video_codec"] == "h264"
+    listed = grpcurl("ListJobs", {"user_id": "ops", "page_size": 5})
+    assert [j["job_id"] for j in listed["jobs"]] == [job_id]
+    result = subprocess.run(
+        [str(VENV_BIN / "grpcurl"), "-plaintext", "-d", json.dumps({"job_id": job_id}), address,
+         "talker.v1.TalkerService/CancelJob"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "FailedPrecondition" in result.stderr and "already ended (done)" in result.stderr
