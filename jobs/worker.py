@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
+from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -53,6 +54,18 @@ from talker.v1 import animate_pb2, audio_pb2, synthesize_pb2
 log = logging.getLogger("talker.jobs.worker")
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+ATTEMPTS = Counter(
+    "talker_job_attempts_total",
+    "Job attempts ended, by outcome: done, retry, failed (attempts used up), "
+    "cancelled, lost (taken over), released (worker stopping).",
+    ["outcome"],
+)
+JOB_SECONDS = Histogram(
+    "talker_job_attempt_seconds",
+    "Time of a successful attempt by step: synthesize, render, total.",
+    ["step"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
 T = TypeVar("T")
 
 
@@ -204,6 +217,7 @@ class Worker:
             attempt = asyncio.create_task(self.render(lease))
             verdict = await self._renew_while(attempt, lease)
             if verdict != "ok":
+                ATTEMPTS.labels(verdict).inc()
                 return
             try:
                 rendered = attempt.result()
@@ -324,6 +338,7 @@ class Worker:
         outcome = await self._until_recorded(
             lambda: self.queue.fail(lease, stage, code.value[0], message)
         )
+        ATTEMPTS.labels(outcome).inc()
         log.warning(
             "job attempt failed",
             extra={
@@ -342,6 +357,7 @@ class Worker:
         wanted = f"{candidate.folder.name}/{candidate.stem}"
         stem = await self._until_recorded(lambda: self.queue.reserve_stem(lease, wanted))
         if stem is None:
+            ATTEMPTS.labels("lost").inc()
             self.archive.release(candidate)
             log.warning("job taken over before archiving; dropped", extra={"job_id": job.job_id})
             return
@@ -360,6 +376,11 @@ class Worker:
         )
         if outcome == "cancelled":
             await asyncio.to_thread(self.archive.abandon, entry)
+        ATTEMPTS.labels(outcome).inc()
+        if outcome == "done":
+            for step in ("synthesize", "render", "total"):
+                if rendered.timings[f"{step}_ms"]:  # audio jobs speak nothing
+                    JOB_SECONDS.labels(step).observe(rendered.timings[f"{step}_ms"] / 1000)
         log.info(
             "job done" if outcome == "done" else f"job not recorded: {outcome}",
             extra={
