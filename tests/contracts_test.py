@@ -58,7 +58,7 @@ def test_buf_breaking_accepts_an_added_field(tmp_path: Path) -> None:
     chat.write_text(
         chat.read_text().replace(
             "  string user_id = 4;\n",
-            "  string user_id = 4;\n  // A new optional hint.\n  string locale = 5;\n",
+            "  string user_id = 4;\n  // A new optional hint.\n  string locale = 999;\n",
             1,
         )
     )
