@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 from tests.processes import VENV_BIN
 
@@ -43,7 +44,14 @@ def test_grpcurl_chat_streams_a_reply_with_the_trace_id(system) -> None:
     assert "x-trace-id: chat-trace-7" in result.stdout
     assert '"finish_reason": "FINISH_REASON_STOP"' in result.stdout
     assert "Paris" in result.stdout
-    traced = [
-        json.loads(line) for line in system.log("chat").splitlines() if "chat-trace-7" in line
-    ]
-    assert {entry["event"] for entry in traced} >= {"reply finished", "call finished"}
+    # "call finished" is logged as the call closes, a moment after grpcurl has its answer.
+    deadline = time.monotonic() + 10
+    while True:
+        traced = [
+            json.loads(line) for line in system.log("chat").splitlines() if "chat-trace-7" in line
+        ]
+        events = {entry["event"] for entry in traced}
+        if events >= {"reply finished", "call finished"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert events >= {"reply finished", "call finished"}, events
