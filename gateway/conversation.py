@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -44,6 +45,8 @@ class Conversation:
         self.speculate = speculate
         #: A reply started on ASR's speculative result, held back until the final confirms it.
         self.guess: tuple[Turn, asyncio.Task[None], HeldEmit] | None = None
+        # A dropped guess may have reached the chat history; the next reply takes it back.
+        self.take_back = ""
         self.stages = stages
         self.config = config
         self.session_id = session_id
@@ -201,7 +204,13 @@ class Conversation:
     ) -> None:
         await self._drop_guess()
         await self.interrupt()
-        turn = Turn(index=self.next_turn, started=started, user_text=text, language=language)
+        turn = Turn(
+            index=self.next_turn,
+            started=started,
+            user_text=text,
+            language=language,
+            discard_speculation_id=self._take_back(),
+        )
         if heard:
             turn.mark("asr_final_ms")
         self.next_turn += 1
@@ -214,7 +223,13 @@ class Conversation:
         if self.guess is not None and self.guess[0].user_text == text:
             return
         await self._drop_guess()
-        turn = Turn(index=self.next_turn, user_text=text, language=language)
+        turn = Turn(
+            index=self.next_turn,
+            user_text=text,
+            language=language,
+            speculation_id=uuid.uuid4().hex[:16],
+            discard_speculation_id=self._take_back(),
+        )
         held = HeldEmit(self.emit)
         self.guess = (turn, asyncio.create_task(self.run_turn(turn, held)), held)
 
@@ -231,11 +246,16 @@ class Conversation:
         log.info("speculative reply confirmed", extra={"turn_index": turn.index})
         await held.confirm(turn.index)
 
+    def _take_back(self) -> str:
+        take_back, self.take_back = self.take_back, ""
+        return take_back
+
     async def _drop_guess(self) -> None:
         if self.guess is not None:
             turn, task, _ = self.guess
             self.guess = None
             await self._cancel(task)
+            self.take_back = turn.speculation_id
             log.info("speculative reply dropped", extra={"heard": turn.user_text[:80]})
 
     async def interrupt(self) -> None:

@@ -235,7 +235,6 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             user_id,
             turn,
             emit,
-            speculative=isinstance(emit, HeldEmit),
         )
         try:
             await reply.run()

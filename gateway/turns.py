@@ -57,6 +57,10 @@ class Turn:
     frames: int = 0
     mp4: bytearray = field(default_factory=bytearray)
     render: animate_pb2.RenderResult | None = None
+    #: Set on a speculative turn: the name of its guess, so it can be taken back.
+    speculation_id: str = ""
+    #: A dropped guess the chat should take back first, if it reached the history.
+    discard_speculation_id: str = ""
     #: When each milestone (a TurnTimings field name) was first reached (perf_counter).
     reached: dict[str, float] = field(default_factory=dict)
 
@@ -124,9 +128,7 @@ class Reply:
         user_id: str,
         turn: Turn,
         emit: Emit,
-        speculative: bool = False,
     ) -> None:
-        self.speculative = speculative
         self.stages = stages
         self.settings = settings
         self.options = options
@@ -162,7 +164,9 @@ class Reply:
             text=turn.user_text,
             user_id=self.user_id,
             sampling=self.options.sampling,
-            speculative=self.speculative,
+            speculative=bool(turn.speculation_id),
+            speculation_id=turn.speculation_id,
+            discard_speculation_id=turn.discard_speculation_id,
         )
         stub = self.stages.chat_stub
         try:

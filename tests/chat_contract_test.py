@@ -121,14 +121,25 @@ def test_cancelling_the_call_stops_generation_at_once(chat) -> None:
     assert 1 <= kept_reply.token_count <= received + 2, kept_reply
 
 
-def test_a_cancelled_speculative_reply_leaves_no_trace(chat) -> None:
-    ask(chat, "guess", "What is the capital of France?")  # a confirmed exchange first
+def test_a_speculative_exchange_can_be_taken_back_by_the_next_request(chat) -> None:
+    def history() -> list[str]:
+        session = chat.GetSession(chat_pb2.GetSessionRequest(session_id="guess")).session
+        return [t.text for t in session.turns if t.role == chat_pb2.TURN_ROLE_USER]
+
+    def say(text: str, **fields) -> None:  # type: ignore[no-untyped-def]
+        sampling = chat_pb2.SamplingParams(greedy=True, max_new_tokens=12)
+        request = chat_pb2.ChatRequest(session_id="guess", text=text, sampling=sampling, **fields)
+        list(chat.Chat(request, timeout=120))
+
+    say("What is the capital of France?")
+    # A guess cut short by a cancel is kept like any reply, until taken back.
     call = chat.Chat(
         chat_pb2.ChatRequest(
             session_id="guess",
-            text="Write a very long story about a dragon who learns to cook.",
+            text="Please tell me",
             sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=160),
             speculative=True,
+            speculation_id="g1",
         ),
         timeout=120,
     )
@@ -137,21 +148,17 @@ def test_a_cancelled_speculative_reply_leaves_no_trace(chat) -> None:
             call.cancel()
             break
     time.sleep(0.5)
-    turns = chat.GetSession(chat_pb2.GetSessionRequest(session_id="guess")).session.turns
-    assert [t.role for t in turns] == [chat_pb2.TURN_ROLE_USER, chat_pb2.TURN_ROLE_ASSISTANT]
-    assert "France" in turns[0].text
-    # Completed, a speculative reply is kept like any other.
-    ask(chat, "guess", "And of Italy?")
-    sampling = chat_pb2.SamplingParams(greedy=True, max_new_tokens=16)
-    list(
-        chat.Chat(
-            chat_pb2.ChatRequest(
-                session_id="guess", text="Thanks!", sampling=sampling, speculative=True
-            )
-        )
-    )
-    turns = chat.GetSession(chat_pb2.GetSessionRequest(session_id="guess")).session.turns
-    assert len(turns) == 6 and turns[-2].text == "Thanks!"
+    assert history() == ["What is the capital of France?", "Please tell me"]
+    say("Please tell me about Rome.", discard_speculation_id="g1")
+    assert history() == ["What is the capital of France?", "Please tell me about Rome."]
+    # A completed guess that was right stays; taking back another id does nothing.
+    say("And Italy?", speculative=True, speculation_id="g2")
+    say("Thanks!", discard_speculation_id="g1")
+    assert history()[-2:] == ["And Italy?", "Thanks!"]
+    # A malformed id is refused like any id.
+    with pytest.raises(grpc.RpcError) as caught:
+        say("Hi", speculative=True, speculation_id="no/slashes")
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_guard_refuses_politely_without_the_model(chat) -> None:

@@ -58,18 +58,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 "are accepted."
             )
         params = self._params(request.sampling)
+        discard = check_id(
+            request.discard_speculation_id, "discard_speculation_id", allow_empty=True
+        )
+        speculation_id = ""
+        if request.speculative:
+            speculation_id = check_id(request.speculation_id, "speculation_id")
         matched = self.guard.check(text)
         if matched is not None:
             log.warning(
                 "guard refused a message",
                 extra={"session_id": session_id, "pattern": matched, "chars": len(text)},
             )
+            known = self.sessions.get(session_id)
+            if discard and known is not None:
+                async with known.busy:
+                    known.discard_speculative(discard)
             for response in self._refusal(received):
                 yield response
             return
 
         session = self.sessions.get_or_create(session_id, user_id)
         async with session.busy, self.queue.slot():
+            if discard and session.discard_speculative(discard):
+                log.info("speculative exchange taken back", extra={"session_id": session_id})
             prompt_ids, kept, max_new = self._prompt(session, text, params.max_new_tokens)
             params = GenerationParams(
                 max_new, params.temperature, params.top_p, params.greedy, params.repetition_penalty
@@ -91,7 +103,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     loop.call_soon_threadsafe(deltas.put_nowait, _DONE)
 
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
-            complete = False
             try:
                 while (delta := await deltas.get()) is not _DONE:
                     assert isinstance(delta, str)
@@ -103,21 +114,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 for sentence in splitter.flush():
                     yield _sentence(sentence_index, sentence)
                     sentence_index += 1
-                complete = True
             finally:
                 # The caller went away (or barged in): stop within a token, and keep
                 # the slot until the model is really idle again.
                 stop.set()
                 await asyncio.shield(worker)
                 reply = run.text.strip()
-                if complete or not request.speculative:
-                    session.add_exchange(
-                        Message("user", text, self.model.count_tokens(text)),
-                        Message("assistant", reply, self.model.count_tokens(reply)),
-                        self.settings.max_turns,
-                    )
-                else:
-                    log.info("speculative reply discarded", extra={"session_id": session_id})
+                session.add_exchange(
+                    Message("user", text, self.model.count_tokens(text)),
+                    Message("assistant", reply, self.model.count_tokens(reply)),
+                    self.settings.max_turns,
+                    speculation_id=speculation_id,
+                )
             log.info(
                 "reply finished",
                 extra={

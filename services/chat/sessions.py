@@ -29,15 +29,29 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # One reply at a time per session: a second message waits for the first.
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The id of the speculative call that made the last exchange ("" if none):
+    #: that exchange may still be taken back.
+    speculative_tail: str = ""
 
     @property
     def token_count(self) -> int:
         return sum(m.token_count for m in self.messages)
 
-    def add_exchange(self, user: Message, reply: Message, max_turns: int) -> None:
+    def add_exchange(
+        self, user: Message, reply: Message, max_turns: int, speculation_id: str = ""
+    ) -> None:
         self.messages += [user, reply]
         del self.messages[: max(0, len(self.messages) - 2 * max_turns)]
+        self.speculative_tail = speculation_id
         self.touch()
+
+    def discard_speculative(self, speculation_id: str) -> bool:
+        """Takes back the last exchange if the speculative call `speculation_id` made it."""
+        if not speculation_id or self.speculative_tail != speculation_id:
+            return False
+        del self.messages[-2:]
+        self.speculative_tail = ""
+        return True
 
     def touch(self) -> None:
         self.updated = time.time()
