@@ -6,6 +6,7 @@ is sent to the client the moment it is made, through `emit`."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,52 @@ class HeldEmit:
         self.confirmed.set()
 
 
+class OpeningClause:
+    """Lets speech start before the first sentence is complete: the reply's
+    first clause ("Well, as far as I know,") goes to synthesis as soon as its
+    comma arrives, if it has at least MIN_WORDS words (a pause is natural
+    there, so the voice does not sound cut); the rest of the sentence follows
+    when the sentence ends. Only the first sentence: after it, whole sentences
+    already arrive faster than they are spoken."""
+
+    MIN_WORDS = 4
+    MIN_CJK_CHARS = 6
+    # A clause ends at a comma-like mark followed by a space (so "1,000" is not
+    # cut), or at a CJK one, which needs no space.
+    BOUNDARY = re.compile(r"[,;:\u2014\u2013](?=\s)|[\uff0c\uff1b\uff1a\u3001]")
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._spoken = ""
+        self._open = True  # still inside the first sentence
+
+    def feed(self, delta: str) -> str:
+        """The opening clause to speak now, or ""."""
+        if not self._open or self._spoken:
+            return ""
+        self._text += delta
+        for match in self.BOUNDARY.finditer(self._text):
+            clause = self._text[: match.end()].strip()
+            words = len(clause.split())
+            cjk = sum(
+                1 for ch in clause if "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+            )
+            if words >= self.MIN_WORDS or cjk >= self.MIN_CJK_CHARS:
+                self._spoken = clause
+                return clause
+        return ""
+
+    def rest_of(self, sentence: str) -> str:
+        """What of a complete sentence is still to be spoken."""
+        if not self._open:
+            return sentence
+        self._open = False
+        text = sentence.strip()
+        if self._spoken and text.startswith(self._spoken):
+            return text[len(self._spoken) :].strip()
+        return sentence
+
+
 class Reply:
     """Makes the reply of `turn` to `turn.user_text` and emits it."""
 
@@ -169,6 +216,7 @@ class Reply:
             discard_speculation_id=turn.discard_speculation_id,
         )
         stub = self.stages.chat_stub
+        opening = OpeningClause()
         try:
             async for response in self.stages.chat.stream(
                 stub.Chat, request, self.settings.chat_timeout_s
@@ -178,13 +226,15 @@ class Reply:
                     turn.mark("first_token_ms")
                     turn.reply_parts.append(response.delta.text)
                     await self.emit(turn.event(reply_delta=response.delta))
+                    clause = opening.feed(response.delta.text)
+                    if clause and sentences is not None:
+                        sentences.put_nowait((0, clause))
                 elif which == "sentence":
                     turn.mark("first_sentence_ms")
                     await self.emit(turn.event(reply_sentence=response.sentence))
-                    if sentences is not None:
-                        sentences.put_nowait(
-                            (response.sentence.sentence_index, response.sentence.text)
-                        )
+                    text = opening.rest_of(response.sentence.text)
+                    if text and sentences is not None:
+                        sentences.put_nowait((response.sentence.sentence_index, text))
                 elif which == "finished":
                     turn.finished = response.finished
         finally:
