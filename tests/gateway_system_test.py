@@ -230,7 +230,11 @@ def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) ->
 
 def test_ask_with_text_streams_audio_and_returns_the_trace_id(system, gateway) -> None:
     call = gateway.Ask(
-        talker_pb2.AskRequest(text=QUESTION, mode=talker_pb2.REPLY_MODE_AUDIO),
+        talker_pb2.AskRequest(
+            text=QUESTION,
+            mode=talker_pb2.REPLY_MODE_AUDIO,
+            sampling=chat_pb2.SamplingParams(greedy=True),  # a fact, not a sample
+        ),
         metadata=[("x-trace-id", "test-ask-text")],
         timeout=120,
     )
