@@ -232,6 +232,7 @@ class Conversation:
         )
         held = HeldEmit(self.emit)
         self.guess = (turn, asyncio.create_task(self.run_turn(turn, held)), held)
+        log.info("speculative reply started", extra={"heard": text[:80]})
 
     async def _confirm_guess(self, started: float) -> None:
         assert self.guess is not None

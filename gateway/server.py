@@ -5,6 +5,7 @@ reports every failure as a status or event naming the stage that failed."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import soundfile
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 from grpc_health.v1 import health_pb2
@@ -24,7 +26,7 @@ from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
 from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn
-from services.common.audio import decode_clip
+from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError, status_code_for
 from services.common.ids import check_id
 from services.common.metrics import LATENCY_BUCKETS
@@ -127,14 +129,14 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             await asyncio.gather(task, return_exceptions=True)
 
     def _check_clip(self, clip: talker_pb2.AudioClip) -> None:
+        """Size and length from the header or the byte count, without decoding:
+        ASR decodes the clip once, and says what is wrong with one it cannot read."""
         if not clip.audio:
             raise InvalidInput("The question audio is empty.")
-        audio, rate = decode_clip(
-            clip.audio, clip.format.encoding, clip.format.sample_rate_hz, clip.format.channels
-        )
-        if len(audio) / rate > self.settings.max_clip_s:
+        seconds = clip_seconds(clip)
+        if seconds > self.settings.max_clip_s:
             raise LimitExceeded(
-                f"The question audio is {len(audio) / rate:.1f} s long; at most "
+                f"The question audio is {seconds:.1f} s long; at most "
                 f"{self.settings.max_clip_s:.0f} s are accepted."
             )
 
@@ -371,6 +373,18 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
                 animate_pb2.GetAvatarRequest(avatar_id=options.avatar_id),
                 self.settings.asr_timeout_s,
             )
+
+
+def clip_seconds(clip: talker_pb2.AudioClip) -> float:
+    fmt = clip.format
+    if fmt.encoding in (audio_pb2.AUDIO_ENCODING_PCM_S16LE, audio_pb2.AUDIO_ENCODING_PCM_F32LE):
+        layout = raw_layout(fmt.encoding, fmt.sample_rate_hz, fmt.channels)
+        return len(clip.audio) / layout.bytes_per_frame / layout.sample_rate_hz
+    try:
+        info = soundfile.info(io.BytesIO(clip.audio))
+    except Exception:  # not a readable file: ASR will say exactly why
+        return 0.0
+    return float(info.frames) / info.samplerate if info.samplerate else 0.0
 
 
 def new_id() -> str:
