@@ -62,7 +62,8 @@ class SynthesizeSettings(ServiceSettings):
         default=2,
         ge=1,
         le=64,
-        description="torch intra-op threads (the speaker encoder and the Coqui XTTS model); "
+        description="torch intra-op threads, set only when a Coqui XTTS model is configured "
+        "(setting them otherwise slows Piper: torch's thread pool competes with onnxruntime's); "
         "lower it to share the host with other programs.",
     )
     coqui_model_dir: Path | None = Field(
