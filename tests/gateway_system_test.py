@@ -159,7 +159,8 @@ def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
         silence_timeout_s=300,  # a busy machine may think for a while; the device waits
         sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=96),
     )
-    follow_up = "What colour is the sky?"
+    # A sentence ASR hears reliably ("What colour is the sky?" was once "What colors the sky?").
+    follow_up = "How far is the train station from here?"
 
     def reply_is_playing(received) -> bool:  # type: ignore[no-untyped-def]
         return received.kind == "reply_audio" and received.event.turn_index == 0
