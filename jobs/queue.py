@@ -401,7 +401,9 @@ class JobQueue:
             pipe.hset(self.job_key(job_id), mapping=fields)
             if spec.audio:
                 pipe.set(self.audio_key(job_id), spec.audio)
-            pipe.zadd(self.index_key, {job_id: created})
+            # Milliseconds with microseconds behind the point: two jobs submitted in
+            # the same millisecond still list newest first (a double holds it exactly).
+            pipe.zadd(self.index_key, {job_id: time.time_ns() / 1_000_000})
             # Index entries of jobs long expired; their hashes are gone already.
             pipe.zremrangebyscore(self.index_key, 0, created - 2 * self.retention_s * 1000)
             pipe.xadd(self.streams[spec.priority], {"job": job_id})
