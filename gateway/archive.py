@@ -83,6 +83,23 @@ class Archive:
         self.release(entry)
         return path
 
+    def write_entry(
+        self, entry: ArchiveEntry, record: dict[str, Any], media: tuple[str, bytes] | None = None
+    ) -> Path:
+        """The media file (extension, bytes), then the record naming it: the path of
+        the media, or of the record when there is none. Nothing is left of an entry
+        whose writes failed."""
+        try:
+            path = None
+            if media is not None:
+                path = self.write(entry, *media)
+                record["file"] = path.name
+            record_path = self.write_record(entry, record)
+            return path or record_path
+        except BaseException:
+            self.abandon(entry)
+            raise
+
     def abandon(self, entry: ArchiveEntry) -> None:
         """Removes every file of a turn whose record could not be written: an
         output without its record is as good as lost, and only confuses."""
@@ -189,19 +206,7 @@ class Archivist:
     async def _finish(
         self, entry: ArchiveEntry, record: dict[str, Any], media: tuple[str, bytes] | None = None
     ) -> Path:
-        def write() -> Path:
-            try:
-                path = None
-                if media is not None:
-                    path = self.archive.write(entry, media[0], media[1])
-                    record["file"] = path.name
-                record_path = self.archive.write_record(entry, record)
-                return path or record_path
-            except BaseException:
-                self.archive.abandon(entry)
-                raise
-
-        return await asyncio.to_thread(write)
+        return await asyncio.to_thread(self.archive.write_entry, entry, record, media)
 
     async def drain(self) -> None:
         """Waits for videos still rendering (on a graceful stop)."""

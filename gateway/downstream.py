@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,14 +16,17 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import STAGES, GatewaySettings
-from services.common.errors import TalkerError
+from services.common.errors import TalkerError, status_code_for
 from services.common.interceptors import MODEL_METADATA_KEY
 from services.common.runtime import channel_options
 from services.common.tracing import TRACE_METADATA_KEY, current_trace_id
 from talker.v1 import (
+    animate_pb2,
     animate_pb2_grpc,
     asr_pb2_grpc,
+    audio_pb2,
     chat_pb2_grpc,
+    synthesize_pb2,
     synthesize_pb2_grpc,
     talker_pb2,
 )
@@ -64,6 +67,13 @@ class StageFailure(TalkerError):
         super().__init__(message)
         self.stage = stage
         self.code = code
+
+    @classmethod
+    def of(cls, error: TalkerError) -> StageFailure:
+        """The error as a failure of a stage: the gateway's own when no stage failed."""
+        if isinstance(error, StageFailure):
+            return error
+        return cls("gateway", status_code_for(error), str(error))
 
     def turn_error(self, trace_id: str) -> talker_pb2.TurnError:
         return talker_pb2.TurnError(
@@ -124,14 +134,12 @@ class Stage:
     async def _watch(self) -> None:
         stub = health_pb2_grpc.HealthStub(self.channel)
         while True:
-            try:
+            # However the watch ends (an error, or the stage closing it), the stage is
+            # down until a new watch says otherwise.
+            with contextlib.suppress(aio.AioRpcError):
                 call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
                 async for response in call:
                     self._set(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-            except aio.AioRpcError as error:
-                self._set(
-                    DOWN if error.code() is grpc.StatusCode.UNAVAILABLE else error.code().name
-                )
             self._set(DOWN)
             await asyncio.sleep(0.25)
 
@@ -266,9 +274,52 @@ class Stages:
             stage.on_change = on_change
             stage.start_watching()
 
+    async def check_ids(self, voice_id: str, avatar_id: str, timeout_s: float) -> None:
+        """Unknown voices and avatars fail at once with NOT_FOUND (empty ids are not
+        looked up), so a call never fails for them halfway."""
+        if voice_id:
+            await self.synthesize.unary(
+                self.synthesize_stub.GetVoice,
+                synthesize_pb2.GetVoiceRequest(voice_id=voice_id),
+                timeout_s,
+            )
+        if avatar_id:
+            await self.animate.unary(
+                self.animate_stub.GetAvatar,
+                animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
+                timeout_s,
+            )
+
+    async def render(
+        self,
+        request: animate_pb2.RenderRequest,
+        timeout_s: float,
+        on_response: Callable[[animate_pb2.RenderResponse], Awaitable[None]] | None = None,
+    ) -> tuple[bytes, animate_pb2.RenderResult | None]:
+        """An mp4 from Animate's Render: its bytes and its result; each response is
+        also handed to `on_response` as it arrives (progress for a client)."""
+        mp4 = bytearray()
+        result = None
+        async for response in self.animate.stream(self.animate_stub.Render, request, timeout_s):
+            which = response.WhichOneof("response")
+            if which == "chunk":
+                mp4.extend(response.chunk.content)
+            elif which == "result":
+                result = response.result
+            if on_response is not None:
+                await on_response(response)
+        return bytes(mp4), result
+
     def down(self) -> list[str]:
         return [name for name, stage in self.by_name.items() if not stage.serving]
 
     async def close(self) -> None:
         for stage in self.by_name.values():
             await stage.close()
+
+
+def pcm_s16le(sample_rate_hz: int) -> audio_pb2.AudioFormat:
+    """Mono PCM_S16LE: the format reply audio travels in between the stages."""
+    return audio_pb2.AudioFormat(
+        encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=sample_rate_hz, channels=1
+    )

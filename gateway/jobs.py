@@ -22,7 +22,7 @@ from services.common.audio import decode_clip
 from services.common.errors import InvalidInput, LimitExceeded, StageUnavailable
 from services.common.ids import check_id
 from services.common.tracing import current_trace_id
-from talker.v1 import animate_pb2, synthesize_pb2, talker_pb2
+from talker.v1 import talker_pb2
 
 STATE_OF = {
     QUEUED: talker_pb2.JOB_STATE_QUEUED,
@@ -121,7 +121,8 @@ class JobRpcs:
             spec.audio_rate_hz = clip.format.sample_rate_hz
             spec.audio_channels = clip.format.channels
             spec.audio_ms = max(1, int(seconds * 1000))
-        await self._check_job_ids(avatar_id, voice_id)
+        # Unknown avatars and voices fail the submit with NOT_FOUND, not the job later.
+        await self.stages.check_ids(voice_id, avatar_id, ID_CHECK_TIMEOUT_S)
         record = await self._queued(queue.submit(spec))
         return talker_pb2.SubmitRenderResponse(job=job_message(record))
 
@@ -176,20 +177,6 @@ class JobRpcs:
                 f"The job queue (Redis at {self.job_queue.address}) is unavailable: "
                 f"{error}. Try again shortly. [trace id {current_trace_id.get()}]"
             ) from None
-
-    async def _check_job_ids(self, avatar_id: str, voice_id: str) -> None:
-        """Unknown avatars and voices fail the submit with NOT_FOUND, not the job later."""
-        await self.stages.animate.unary(
-            self.stages.animate_stub.GetAvatar,
-            animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
-            ID_CHECK_TIMEOUT_S,
-        )
-        if voice_id:
-            await self.stages.synthesize.unary(
-                self.stages.synthesize_stub.GetVoice,
-                synthesize_pb2.GetVoiceRequest(voice_id=voice_id),
-                ID_CHECK_TIMEOUT_S,
-            )
 
     async def close_job_queue(self) -> None:
         if self._job_queue is not None:

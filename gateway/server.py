@@ -25,19 +25,17 @@ from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
-from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn
+from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn, render_request
 from services.common.audio import raw_layout
-from services.common.errors import InvalidInput, LimitExceeded, TalkerError, status_code_for
+from services.common.errors import InvalidInput, LimitExceeded, TalkerError
 from services.common.ids import check_id
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
 from talker.v1 import (
-    animate_pb2,
     asr_pb2,
     audio_pb2,
     chat_pb2,
-    synthesize_pb2,
     talker_pb2,
     talker_pb2_grpc,
 )
@@ -243,7 +241,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         except TalkerError as error:
             if isinstance(emit, HeldEmit):
                 await emit.confirmed.wait()
-            failure = as_stage_failure(error)
+            failure = StageFailure.of(error)
             log.warning(
                 "turn failed",
                 extra={"turn_index": turn.index, "stage": failure.stage, "code": failure.code.name},
@@ -300,21 +298,9 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
 
     def _archive_renderer(self, options: ReplyOptions) -> Any:
         async def render(audio: bytes, rate: int) -> bytes:
-            request = animate_pb2.RenderRequest(
-                avatar_id=options.avatar_id,
-                audio=audio,
-                format=audio_pb2.AudioFormat(
-                    encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=rate, channels=1
-                ),
-                fps=options.fps,
-            )
-            mp4 = bytearray()
-            async for response in self.stages.animate.stream(
-                self.stages.animate_stub.Render, request, self.settings.render_timeout_s
-            ):
-                if response.WhichOneof("response") == "chunk":
-                    mp4.extend(response.chunk.content)
-            return bytes(mp4)
+            request = render_request(options.avatar_id, audio, rate, options.fps)
+            mp4, _ = await self.stages.render(request, self.settings.render_timeout_s)
+            return mp4
 
         return render
 
@@ -361,18 +347,11 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
 
     async def _check_ids(self, options: ReplyOptions) -> None:
         """Unknown voices and avatars fail the call at once with NOT_FOUND, not mid-reply."""
-        if options.voice_id and options.speaks:
-            await self.stages.synthesize.unary(
-                self.stages.synthesize_stub.GetVoice,
-                synthesize_pb2.GetVoiceRequest(voice_id=options.voice_id),
-                self.settings.asr_timeout_s,
-            )
-        if options.avatar_id and (options.live_video or options.render_mp4):
-            await self.stages.animate.unary(
-                self.stages.animate_stub.GetAvatar,
-                animate_pb2.GetAvatarRequest(avatar_id=options.avatar_id),
-                self.settings.asr_timeout_s,
-            )
+        await self.stages.check_ids(
+            options.voice_id if options.speaks else "",
+            options.avatar_id if options.live_video or options.render_mp4 else "",
+            self.settings.asr_timeout_s,
+        )
 
 
 def clip_seconds(clip: talker_pb2.AudioClip) -> float:
@@ -389,12 +368,6 @@ def clip_seconds(clip: talker_pb2.AudioClip) -> float:
 
 def new_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def as_stage_failure(error: TalkerError) -> StageFailure:
-    if isinstance(error, StageFailure):
-        return error
-    return StageFailure("gateway", status_code_for(error), str(error))
 
 
 MAX_FPS = 60

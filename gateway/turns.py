@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import GatewaySettings
-from gateway.downstream import Stages
-from talker.v1 import animate_pb2, audio_pb2, chat_pb2, synthesize_pb2, talker_pb2
+from gateway.downstream import Stages, pcm_s16le
+from talker.v1 import animate_pb2, chat_pb2, synthesize_pb2, talker_pb2
 
 Emit = Callable[[talker_pb2.ConverseEvent], Awaitable[None]]
 AUDIO_MODES = (talker_pb2.REPLY_MODE_AUDIO, talker_pb2.REPLY_MODE_AUDIO_VIDEO)
@@ -254,11 +254,7 @@ class Reply:
                 request = synthesize_pb2.SynthesizeRequest(
                     text=text,
                     voice_id=self.options.voice_id,
-                    output_format=audio_pb2.AudioFormat(
-                        encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE,
-                        sample_rate_hz=self.options.output_sample_rate_hz,
-                        channels=1,
-                    ),
+                    output_format=pcm_s16le(self.options.output_sample_rate_hz),
                 )
                 async for response in self.stages.synthesize.stream(
                     stub.Synthesize, request, self.settings.synthesize_timeout_s
@@ -316,28 +312,31 @@ class Reply:
 
     async def _render(self) -> None:
         turn = self.turn
-        request = animate_pb2.RenderRequest(
-            avatar_id=self.options.avatar_id,
-            audio=bytes(turn.audio),
-            format=audio_pb2.AudioFormat(
-                encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE,
-                sample_rate_hz=turn.audio_rate_hz,
-                channels=1,
-            ),
-            fps=self.options.fps,
-        )
-        async for response in self.stages.animate.stream(
-            self.stages.animate_stub.Render, request, self.settings.render_timeout_s
-        ):
+
+        async def forward(response: animate_pb2.RenderResponse) -> None:
             which = response.WhichOneof("response")
             if which == "progress":
                 await self.emit(turn.event(render_progress=response.progress))
             elif which == "chunk":
                 turn.mark("first_frame_ms")
-                turn.mp4.extend(response.chunk.content)
                 await self.emit(turn.event(mp4_chunk=response.chunk))
-            elif which == "result":
-                turn.render = response.result
+
+        request = render_request(
+            self.options.avatar_id, bytes(turn.audio), turn.audio_rate_hz, self.options.fps
+        )
+        mp4, turn.render = await self.stages.render(
+            request, self.settings.render_timeout_s, forward
+        )
+        turn.mp4.extend(mp4)
+
+
+def render_request(
+    avatar_id: str, pcm: bytes, sample_rate_hz: int, fps: int
+) -> animate_pb2.RenderRequest:
+    """Render of a reply's audio (mono PCM_S16LE) for an avatar."""
+    return animate_pb2.RenderRequest(
+        avatar_id=avatar_id, audio=pcm, format=pcm_s16le(sample_rate_hz), fps=fps
+    )
 
 
 async def _all_or_none(work: Sequence[Awaitable[None]]) -> None:

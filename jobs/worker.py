@@ -31,7 +31,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -43,10 +42,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.archive import Archive, ArchiveEntry
 from gateway.config import GatewaySettings
-from gateway.downstream import StageFailure, Stages
+from gateway.downstream import StageFailure, Stages, pcm_s16le
 from jobs.config import JobSettings, WorkerSettings
 from jobs.queue import Delivery, JobQueue, Lease
-from services.common.errors import TalkerError, status_code_for
+from services.common.errors import TalkerError
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
 from talker.v1 import animate_pb2, audio_pb2, synthesize_pb2
@@ -300,38 +299,27 @@ class Worker:
                     pcm.extend(response.chunk.audio)
                     rate = response.chunk.format.sample_rate_hz
             audio = bytes(pcm)
-            audio_format = audio_pb2.AudioFormat(
-                encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=rate, channels=1
-            )
+            audio_format = pcm_s16le(rate)
             timings["synthesize_ms"] = int((time.monotonic() - started) * 1000)
         rendering = time.monotonic()
-        mp4 = bytearray()
-        result: animate_pb2.RenderResult | None = None
-        async for response in self.stages.animate.stream(
-            self.stages.animate_stub.Render,
+        mp4, result = await self.stages.render(
             animate_pb2.RenderRequest(
                 avatar_id=job.avatar_id, audio=audio, format=audio_format, fps=job.fps
             ),
             self.gateway.render_timeout_s,
-        ):
-            which = response.WhichOneof("response")
-            if which == "chunk":
-                mp4.extend(response.chunk.content)
-            elif which == "result":
-                result = response.result
+        )
         if result is None:
             raise StageFailure(
                 "animate", grpc.StatusCode.INTERNAL, "The render ended without its result."
             )
         timings["render_ms"] = int((time.monotonic() - rendering) * 1000)
         timings["total_ms"] = int((time.monotonic() - started) * 1000)
-        return Rendered(bytes(mp4), result, timings)
+        return Rendered(mp4, result, timings)
 
     async def _record_failure(self, lease: Lease, error: Exception) -> None:
-        if isinstance(error, StageFailure):
-            stage, code, message = error.stage, error.code, str(error)
-        elif isinstance(error, TalkerError):
-            stage, code, message = "gateway", status_code_for(error), str(error)
+        if isinstance(error, TalkerError):
+            failure = StageFailure.of(error)
+            stage, code, message = failure.stage, failure.code, str(failure)
         else:
             stage, code = "worker", grpc.StatusCode.INTERNAL
             message = f"The render worker failed: {type(error).__name__}: {error}"
@@ -370,7 +358,9 @@ class Worker:
             entry = ArchiveEntry(self.archive.root / folder, name)
             entry.folder.mkdir(parents=True, exist_ok=True)
         record = self._record(lease, rendered, entry)
-        path = await asyncio.to_thread(self._write, entry, rendered.mp4, record)
+        path = await asyncio.to_thread(
+            self.archive.write_entry, entry, record, ("mp4", rendered.mp4)
+        )
         outcome = await self._until_recorded(
             lambda: self.queue.finish(lease, str(path), rendered.result.SerializeToString())
         )
@@ -392,16 +382,6 @@ class Worker:
                 "outcome": outcome,
             },
         )
-
-    def _write(self, entry: ArchiveEntry, mp4: bytes, record: dict[str, Any]) -> Path:
-        try:
-            path = self.archive.write(entry, "mp4", mp4)
-            record["file"] = path.name
-            self.archive.write_record(entry, record)
-            return path
-        except BaseException:
-            self.archive.abandon(entry)
-            raise
 
     def _record(self, lease: Lease, rendered: Rendered, entry: ArchiveEntry) -> dict[str, Any]:
         job = lease.job
