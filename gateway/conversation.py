@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway.downstream import Stages
-from gateway.turns import Emit, HeldEmit, Turn
+from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, stream_events
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded
 from talker.v1 import asr_pb2, talker_pb2
 
 log = logging.getLogger("talker.gateway.converse")
 
-_END = object()
 # Microphone audio waiting for ASR; a device far ahead of ASR is slowed down
 # (gRPC flow control) instead of filling the gateway's memory.
 AUDIO_BACKLOG_CHUNKS = 500
@@ -73,15 +72,10 @@ class Conversation:
         yield talker_pb2.ConverseEvent(
             started=talker_pb2.ConverseStarted(session_id=self.session_id, trace_id=self.trace_id)
         )
-        lifecycle = asyncio.create_task(self._lifecycle(requests))
         try:
-            while (item := await self.events.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for event in stream_events(self.events, self._lifecycle(requests)):
+                yield event
         finally:
-            lifecycle.cancel()
-            await asyncio.gather(lifecycle, return_exceptions=True)
             await self._cancel_turn()
 
     async def _lifecycle(self, requests: AsyncIterator[Any]) -> None:
@@ -104,16 +98,11 @@ class Conversation:
                 if self.current is not None:
                     await asyncio.gather(self.current[1], return_exceptions=True)
         except TimeoutError:
-            self.events.put_nowait(
-                LimitExceeded(f"The conversation reached its limit of {self.max_call_s:.0f} s.")
-            )
-        except Exception as error:
-            self.events.put_nowait(error)
+            raise LimitExceeded(
+                f"The conversation reached its limit of {self.max_call_s:.0f} s."
+            ) from None
         finally:
-            for task in (reader, hearing):
-                if task is not None:
-                    task.cancel()
-            self.events.put_nowait(_END)
+            await cancel_and_wait(reader, hearing)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         async for message in requests:
@@ -255,7 +244,7 @@ class Conversation:
         if self.guess is not None:
             turn, task, _ = self.guess
             self.guess = None
-            await self._cancel(task)
+            await cancel_and_wait(task)
             self.take_back = turn.speculation_id
             log.info("speculative reply dropped", extra={"heard": turn.user_text[:80]})
 
@@ -267,7 +256,7 @@ class Conversation:
         self.current = None
         if task.done():
             return
-        await self._cancel(task)
+        await cancel_and_wait(task)
         log.info(
             "reply interrupted",
             extra={"turn_index": turn.index, "audio_sent_ms": turn.audio_ms},
@@ -284,9 +273,4 @@ class Conversation:
     async def _cancel_turn(self) -> None:
         await self._drop_guess()
         if self.current is not None:
-            await self._cancel(self.current[1])
-
-    @staticmethod
-    async def _cancel(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(self.current[1])

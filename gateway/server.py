@@ -25,7 +25,7 @@ from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
-from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn, render_request
+from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn, render_request, stream_events
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
 from services.common.ids import check_id
@@ -52,7 +52,6 @@ MILESTONE_SECONDS = Histogram(
 )
 
 SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
-_END = object()
 
 
 # JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py).
@@ -103,28 +102,16 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             events.put_nowait(event)
 
         async def ask() -> None:
-            try:
-                if which == "audio":
-                    await self._transcribe(request, turn, emit)
-                else:
-                    turn.user_text = request.text.strip()
-                await self._run_turn(
-                    turn, options, session_id, user_id, scene, trace_id, emit, end_on_error=True
-                )
-            except BaseException as error:
-                events.put_nowait(error)
-            finally:
-                events.put_nowait(_END)
+            if which == "audio":
+                await self._transcribe(request, turn, emit)
+            else:
+                turn.user_text = request.text.strip()
+            await self._run_turn(
+                turn, options, session_id, user_id, scene, trace_id, emit, end_on_error=True
+            )
 
-        task = asyncio.create_task(ask())
-        try:
-            while (item := await events.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield talker_pb2.AskResponse(event=item)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        async for event in stream_events(events, ask()):
+            yield talker_pb2.AskResponse(event=event)
 
     def _check_clip(self, clip: talker_pb2.AudioClip) -> None:
         """Size and length from the header or the byte count, without decoding:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,6 +346,40 @@ async def _all_or_none(work: Sequence[Awaitable[None]]) -> None:
         for finished in asyncio.as_completed(tasks):
             await finished
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancels the tasks and returns once they have all ended, however they end."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
+_END = object()
+
+
+async def stream_events(
+    events: asyncio.Queue[Any], work: Coroutine[Any, Any, None]
+) -> AsyncIterator[talker_pb2.ConverseEvent]:
+    """Runs `work`, which puts events on `events`, and yields them as they come.
+    What `work` raises is raised here, after the events put before it; leaving
+    the loop early (the client went away) cancels `work`."""
+
+    async def run() -> None:
+        try:
+            await work
+        except Exception as error:
+            events.put_nowait(error)
+        finally:
+            events.put_nowait(_END)
+
+    task = asyncio.create_task(run())
+    try:
+        while (item := await events.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        await cancel_and_wait(task)
