@@ -9,18 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.portrait import create_astronaut
-from tests.processes import Supervisor
+from tests.processes import Supervisor, serving_system
 
 
 @contextmanager
 def running_system(env: dict[str, str] | None = None) -> Iterator[tuple[Supervisor, str]]:
     """Yields the running system and the id of the astronaut avatar on it."""
-    with tempfile.TemporaryDirectory(prefix="talker-bench-") as folder:
-        system = Supervisor(Path(folder), env)
-        system.start()
-        try:
-            for address in system.addresses.values():
-                system.wait_status(address, timeout_s=300)
-            yield system, create_astronaut(system.addresses["animate"], "bench")
-        finally:
-            system.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="talker-bench-") as folder,
+        serving_system(Path(folder), env, timeout_s=300) as system,
+    ):
+        yield system, create_astronaut(system.addresses["animate"], "bench")

@@ -17,7 +17,7 @@ os.environ.setdefault("TALKER_CACHE_DIR", str(Path(__file__).resolve().parent.pa
 
 from services.common.runtime import GrpcProgram
 from services.common.settings import ServiceSettings
-from tests.processes import InProcessServer, Supervisor
+from tests.processes import InProcessServer, Supervisor, serving_system
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +73,5 @@ def asr_engine():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     """Every program under the project's real supervisord, on free ports, all SERVING."""
-    supervisor = Supervisor(tmp_path_factory.mktemp("var"))
-    supervisor.start()
-    try:
-        for address in supervisor.addresses.values():
-            supervisor.wait_status(address, timeout_s=240)
+    with serving_system(tmp_path_factory.mktemp("var")) as supervisor:
         yield supervisor
-    finally:
-        supervisor.stop()

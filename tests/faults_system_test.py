@@ -18,7 +18,7 @@ from services.common.health_probe import probe
 from talker.v1 import chat_pb2, talker_pb2, talker_pb2_grpc
 from tests.device import Received, call, converse, pause, speech, text, wait_for
 from tests.portrait import create_astronaut
-from tests.processes import Supervisor
+from tests.processes import Supervisor, serving_system
 from tests.speech import piper_speech, silence
 
 STORY = "Tell me a long story about a dragon and a brave knight."
@@ -33,14 +33,8 @@ KILL_WHEN = {
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    supervisor = Supervisor(tmp_path_factory.mktemp("var"))
-    supervisor.start()
-    try:
-        for address in supervisor.addresses.values():
-            supervisor.wait_status(address, timeout_s=240)
+    with serving_system(tmp_path_factory.mktemp("var")) as supervisor:
         yield supervisor
-    finally:
-        supervisor.stop()
 
 
 @pytest.fixture(scope="module")

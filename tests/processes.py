@@ -8,6 +8,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from services.common.health_probe import probe
@@ -95,6 +97,21 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def serving_system(
+    var_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 240
+) -> Iterator[Supervisor]:
+    """Every program under the project's real supervisord, all SERVING; stopped after."""
+    supervisor = Supervisor(var_dir, env)
+    supervisor.start()
+    try:
+        for address in supervisor.addresses.values():
+            supervisor.wait_status(address, timeout_s=timeout_s)
+        yield supervisor
+    finally:
+        supervisor.stop()
 
 
 class InProcessServer:
