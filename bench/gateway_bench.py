@@ -3,7 +3,8 @@ process under supervisord, and what the gateway itself adds per hop.
 
 A device plays questions at real-time pace in 20 ms chunks (keeping the
 microphone open with silence between them) and stamps each event as it
-arrives. Milestones are measured from the true end of speech (the last
+arrives; it asks the next question 0.3 s after the reply has played, as a
+person would. Milestones are measured from the true end of speech (the last
 audible sample of the question leaving the device).
 
 Hop overhead: the same work called through the gateway and directly on the
@@ -12,6 +13,7 @@ gateway adds on that hop (its own parsing, checks, forwarding and queueing)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -69,7 +71,29 @@ def trimmed(text: str) -> np.ndarray:
     return audio[: int(speech_end_s(audio) * 16000)]
 
 
-def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str) -> None:
+def listened(turn_index: int):  # type: ignore[no-untyped-def]
+    """A predicate for the device: turn `turn_index` is over and its reply has
+    played (a person asks the next question after hearing the answer, not
+    while the avatar is still talking)."""
+    first_audio: dict[str, float] = {}
+
+    def done(received) -> bool:  # type: ignore[no-untyped-def]
+        if received.event.turn_index != turn_index:
+            return False
+        if received.kind == "reply_audio":
+            first_audio.setdefault("at", received.at)
+        if received.kind in ("error", "interrupted"):
+            return True
+        if received.kind != "turn_finished":
+            return False
+        playing_from = first_audio.get("at", received.at)
+        reply_s = received.event.turn_finished.reply_audio_ms / 1000
+        return time.monotonic() >= playing_from + reply_s
+
+    return done
+
+
+def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str):  # type: ignore[no-untyped-def]
     config = talker_pb2.ConverseConfig(
         user_id="bench",
         scene="bench",
@@ -80,15 +104,7 @@ def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str) -> Non
     steps: list = [pause(silence(0.5))]
     for n in range(TURNS):
         steps.append(speech(trimmed(QUESTIONS[n % len(QUESTIONS)])))
-
-        def done(received, n=n) -> bool:  # type: ignore[no-untyped-def]
-            return received.event.turn_index == n and received.kind in (
-                "turn_finished",
-                "error",
-                "interrupted",
-            )
-
-        steps += [wait_for(done, 120), pause(silence(0.3))]
+        steps += [wait_for(listened(n), 120), pause(silence(0.3))]
     session = converse(stub, config, steps, trace_id="bench-gateway", timeout_s=3600)
     if session.error is not None:
         raise SystemExit(f"gateway bench: the conversation failed: {session.error}")
@@ -122,6 +138,64 @@ def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str) -> Non
         f"\ntargets: end of speech -> first audio {audio_p50:.0f} ms p50 (target < 800), "
         f"-> first video frame {video_p50:.0f} ms p50 (target < 1000)"
     )
+    return session
+
+
+def dump_turns(session, timelines: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """Each turn's words and timeline, to TALKER_BENCH_TURNS_FILE (JSON lines), to
+    see which turns are slow and why."""
+    path = os.environ.get("TALKER_BENCH_TURNS_FILE")
+    if not path:
+        return
+    finished = [r.event.turn_finished for r in session.events if r.kind == "turn_finished"]
+    with open(path, "w") as out:
+        for n, done in enumerate(finished):
+            row = {"heard": done.user_text, "reply": done.reply_text}
+            row.update(timelines[n] if n < len(timelines) else {})
+            out.write(json.dumps(row) + "\n")
+
+
+def reply_timelines(system: Supervisor) -> list[dict]:
+    """Where a turn's time goes, from the gateway's own log: ms from the start of
+    the reply pipeline (a speculative reply starts before the end of utterance)
+    to each milestone, as the gateway saw them (held events included)."""
+    values: dict[str, list[float]] = {}
+    timelines = []
+    for line in system.log("gateway").splitlines():
+        if '"turn finished"' not in line:
+            continue
+        try:
+            timeline = json.loads(line).get("reply_timeline") or {}
+        except ValueError:
+            continue
+        timelines.append(timeline)
+        for name, ms in timeline.items():
+            values.setdefault(name, []).append(ms)
+    order = [
+        "speculation_lead_ms",
+        "first_token_ms",
+        "first_sentence_ms",
+        "first_audio_ms",
+        "first_frame_ms",
+        "asr_final_ms",
+    ]
+    rows = [
+        [
+            name.removesuffix("_ms"),
+            len(values[name]),
+            percentile(values[name], 50),
+            percentile(values[name], 95),
+        ]
+        for name in order
+        if values.get(name)
+    ]
+    print_table(
+        "Inside the gateway: ms from the start of the reply pipeline (speculation_lead: how "
+        "long before the end of utterance a speculative reply began)",
+        ["milestone", "turns", "p50 ms", "p95 ms"],
+        rows,
+    )
+    return timelines
 
 
 def timed_first(responses, want) -> float:  # type: ignore[no-untyped-def]
@@ -250,8 +324,10 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
 def main() -> None:
     with running_system() as (system, avatar_id):
         stub = talker_pb2_grpc.TalkerServiceStub(grpc.insecure_channel(system.addresses["gateway"]))
-        spoken_turns(stub, avatar_id)
-        hop_overhead(system, avatar_id)
+        session = spoken_turns(stub, avatar_id)
+        dump_turns(session, reply_timelines(system))
+        if HOP_ROUNDS:
+            hop_overhead(system, avatar_id)
 
 
 if __name__ == "__main__":

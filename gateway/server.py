@@ -262,6 +262,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             extra={
                 "turn_index": turn.index,
                 "timings": MessageToDict(turn.timings),
+                "reply_timeline": turn.reply_timeline(),
                 "reply_audio_ms": turn.audio_ms,
                 "frames": turn.frames,
                 "archive_path": path,
@@ -285,7 +286,8 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
 
     def _archive_renderer(self, options: ReplyOptions) -> Any:
         async def render(audio: bytes, rate: int) -> bytes:
-            request = render_request(options.avatar_id, audio, rate, options.fps)
+            # Nobody waits on the archive copy: it must not slow the next live turn.
+            request = render_request(options.avatar_id, audio, rate, options.fps, background=True)
             mp4, _ = await self.stages.render(request, self.settings.render_timeout_s)
             return mp4
 

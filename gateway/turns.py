@@ -64,6 +64,8 @@ class Turn:
     discard_speculation_id: str = ""
     #: When each milestone (a TurnTimings field name) was first reached (perf_counter).
     reached: dict[str, float] = field(default_factory=dict)
+    #: When the reply pipeline began (perf_counter): before `started` for a guess.
+    reply_started: float | None = None
 
     def mark(self, milestone: str) -> None:
         """Records the first time a milestone is reached."""
@@ -80,6 +82,19 @@ class Turn:
                 for name, moment in self.reached.items()
             }
         )
+
+    def reply_timeline(self) -> dict[str, int]:
+        """ms from the start of the reply pipeline to each milestone, and how far
+        ahead of the turn's official start a speculative reply began: where the
+        time of a turn goes, for the log."""
+        if self.reply_started is None:
+            return {}
+        timeline = {
+            name: round((moment - self.reply_started) * 1000)
+            for name, moment in self.reached.items()
+        }
+        timeline["speculation_lead_ms"] = max(0, round((self.started - self.reply_started) * 1000))
+        return timeline
 
     @property
     def reply_text(self) -> str:
@@ -185,6 +200,7 @@ class Reply:
         self.emit = emit
 
     async def run(self) -> None:
+        self.turn.reply_started = time.perf_counter()
         # A stage known to be down fails the turn now, before the others do work for nothing.
         needed = [self.stages.chat]
         if self.options.speaks:
@@ -331,11 +347,16 @@ class Reply:
 
 
 def render_request(
-    avatar_id: str, pcm: bytes, sample_rate_hz: int, fps: int
+    avatar_id: str, pcm: bytes, sample_rate_hz: int, fps: int, background: bool = False
 ) -> animate_pb2.RenderRequest:
-    """Render of a reply's audio (mono PCM_S16LE) for an avatar."""
+    """Render of a reply's audio (mono PCM_S16LE) for an avatar; `background`
+    for renders nobody is waiting on (archive copies)."""
     return animate_pb2.RenderRequest(
-        avatar_id=avatar_id, audio=pcm, format=pcm_s16le(sample_rate_hz), fps=fps
+        avatar_id=avatar_id,
+        audio=pcm,
+        format=pcm_s16le(sample_rate_hz),
+        fps=fps,
+        background=background,
     )
 
 

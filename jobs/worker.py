@@ -303,8 +303,13 @@ class Worker:
             timings["synthesize_ms"] = int((time.monotonic() - started) * 1000)
         rendering = time.monotonic()
         mp4, result = await self.stages.render(
+            # Queued work yields the CPU to live conversations on the same host.
             animate_pb2.RenderRequest(
-                avatar_id=job.avatar_id, audio=audio, format=audio_format, fps=job.fps
+                avatar_id=job.avatar_id,
+                audio=audio,
+                format=audio_format,
+                fps=job.fps,
+                background=True,
             ),
             self.gateway.render_timeout_s,
         )

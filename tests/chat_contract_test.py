@@ -97,6 +97,31 @@ def test_thirty_turn_session_keeps_at_most_n_turns_under_the_budget(start_in_pro
         ]
 
 
+def test_a_full_history_is_not_read_again_every_turn(start_in_process) -> None:
+    """Past max_turns, the history window jumps rather than slides: most turns
+    reuse the cached prompt and read only the new message."""
+    settings = ChatSettings(port=0, metrics_port=0, max_turns=4, max_new_tokens=12)
+    server = start_in_process(build_program, settings)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        read = []
+        for turn in range(12):
+            usage = ask(
+                stub,
+                "window",
+                f"Say a word about the number {turn}.",
+                chat_pb2.SamplingParams(greedy=True),
+            )[-1].finished.usage
+            assert usage.cached_prompt_tokens < usage.prompt_tokens
+            assert usage.turns_kept <= 2 * settings.max_turns
+            read.append(usage.prompt_tokens - usage.cached_prompt_tokens)
+    # The first turn reads everything; afterwards the new message (~20 tokens with
+    # its template) unless the window moved. A window sliding one exchange per
+    # turn would re-read the history from turn 6 on: 7 times in 12 turns.
+    rereads = [n for n, tokens in enumerate(read[1:], start=1) if tokens > 40]
+    assert read[0] > 40 and len(rereads) <= 3, read
+
+
 def test_cancelling_the_call_stops_generation_at_once(chat) -> None:
     call = chat.Chat(
         chat_pb2.ChatRequest(

@@ -7,10 +7,15 @@ re-encoding."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import io
 import itertools
 import math
+import os
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -171,8 +176,11 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         def progress(done: int) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
+        work = functools.partial(render_mp4, animator, audio, rate, fps, progress)
         job = asyncio.ensure_future(
-            asyncio.to_thread(render_mp4, animator, audio, rate, fps, progress)
+            loop.run_in_executor(BACKGROUND_RENDERS, work)
+            if request.background
+            else asyncio.to_thread(work)
         )
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         while (done := await queue.get()) is not None:
@@ -308,6 +316,22 @@ def _encode_video(
         for packet in video.encode():
             container.mux(packet)
     return output.getvalue(), count
+
+
+def _lowest_priority() -> None:
+    # Linux keeps a nice value per thread, and the encoder threads this thread
+    # starts inherit it: the whole render yields the CPU to live turns.
+    # Elsewhere (not Linux, or not allowed) it renders at normal priority.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+# Renders nobody waits on, one at a time on a thread of their own (a thread
+# cannot be given its priority back without privileges, so it is never shared
+# with live work).
+BACKGROUND_RENDERS = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="background-render", initializer=_lowest_priority
+)
 
 
 def render_mp4(

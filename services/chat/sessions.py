@@ -32,6 +32,9 @@ class Session:
     #: The id of the speculative call that made the last exchange ("" if none):
     #: that exchange may still be taken back.
     speculative_tail: str = ""
+    #: The first history message of the last prompt: the next prompt starts there
+    #: too while it can, so the model's cache of the last prompt stays usable.
+    prompt_start: Message | None = None
 
     @property
     def token_count(self) -> int:
