@@ -13,7 +13,7 @@ import torch
 
 from services.chat import llama
 from services.chat.config import ChatSettings
-from services.chat.engine import ChatModel
+from services.chat.engine import ChatModel, resolve_dtype
 from tests.processes import REPO
 
 QUESTIONS = [
@@ -25,7 +25,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def chat_model() -> ChatModel:
-    model = ChatModel(ChatSettings())
+    """bfloat16 all through, as transformers computes it (int8 decode is tested apart)."""
+    model = ChatModel(ChatSettings(int8_decode=False))
     model.load()
     return model
 
@@ -69,6 +70,36 @@ def test_builtin_llama_gives_transformers_logits_and_text(
         )
 
 
+@pytest.mark.skipif(
+    resolve_dtype("auto") != "bfloat16", reason="int8 decode runs with bfloat16 weights only"
+)
+def test_int8_decode_follows_the_bf16_model(chat_model: ChatModel) -> None:
+    """Token by token on the same text (teacher-forced, so one early difference
+    does not snowball), the int8 copies pick the bf16 model's next token almost
+    always and their logits stay near."""
+    int8 = ChatModel(ChatSettings())
+    int8.load()
+    assert int8.int8_decode
+    agreed = steps = 0
+    worst = 0.0
+    with torch.inference_mode():
+        for question in QUESTIONS:
+            ids = chat_model.prompt_ids([{"role": "user", "content": question}])
+            ours = chat_model.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+            theirs = int8.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+            for _ in range(32):
+                want = int(ours.logits[0, -1].float().argmax())
+                got = theirs.logits[0, -1].float()
+                agreed += int(got.argmax()) == want
+                worst = max(worst, float((got - ours.logits[0, -1].float()).abs().max()))
+                steps += 1
+                step = torch.tensor([[want]])
+                ours = chat_model.model(input_ids=step, cache=ours.cache)
+                theirs = int8.model(input_ids=step, cache=theirs.cache)
+    assert agreed / steps >= 0.9, (agreed, steps)
+    assert worst < 3.0, worst
+
+
 def test_cropped_cache_continues_like_a_full_prefill(chat_model: ChatModel) -> None:
     ids = chat_model.prompt_ids([{"role": "user", "content": QUESTIONS[0]}])
     with torch.inference_mode():
@@ -88,7 +119,7 @@ def test_restart_from_cache_skips_transformers_modeling_imports(chat_model: Chat
     script = (
         "import json, sys\n"
         "from services.chat.config import ChatSettings\n"
-        "from services.chat.engine import ChatModel\n"
+        "from services.chat.engine import ChatModel, resolve_dtype\n"
         "model = ChatModel(ChatSettings())\n"
         "model.load()\n"
         "heavy = ['transformers.modeling_utils', 'torch._dynamo', 'sympy', 'scipy']\n"

@@ -184,6 +184,7 @@ class ChatModel:
         self.implementation = ""  # "builtin-llama" | "transformers"
         self.eos_ids: set[int] = set()
         self.dtype_name = "float32"
+        self.int8_decode = False
         self.prefixes = PrefixCache(settings.kv_cache_sessions)
 
     # ---- loading -----------------------------------------------------------
@@ -216,6 +217,9 @@ class ChatModel:
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
             self.model = llama.LlamaForCausalLM.load(folder, dtype)
             self.implementation = "builtin-llama"
+            if self.settings.int8_decode and dtype == torch.bfloat16:
+                self.model.quantize_for_decode()
+                self.int8_decode = True
             eos = llama.eos_token_ids(folder)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -245,6 +249,7 @@ class ChatModel:
                 "loaded_from": self.loaded_from,
                 "implementation": self.implementation,
                 "dtype": self.dtype_name,
+                "int8_decode": self.int8_decode,
             },
         )
 
