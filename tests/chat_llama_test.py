@@ -25,8 +25,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def chat_model() -> ChatModel:
-    """bfloat16 all through, as transformers computes it (int8 decode is tested apart)."""
-    model = ChatModel(ChatSettings(int8_decode=False))
+    """bfloat16 all through, as transformers computes it (packed decode is tested apart)."""
+    model = ChatModel(ChatSettings(packed_decode=False))
     model.load()
     return model
 
@@ -71,22 +71,23 @@ def test_builtin_llama_gives_transformers_logits_and_text(
 
 
 @pytest.mark.skipif(
-    resolve_dtype("auto") != "bfloat16", reason="int8 decode runs with bfloat16 weights only"
+    resolve_dtype("auto") != "bfloat16", reason="packed decode runs with bfloat16 weights only"
 )
-def test_int8_decode_follows_the_bf16_model(chat_model: ChatModel) -> None:
-    """Token by token on the same text (teacher-forced, so one early difference
-    does not snowball), the int8 copies pick the bf16 model's next token almost
-    always and their logits stay near."""
-    int8 = ChatModel(ChatSettings())
-    int8.load()
-    assert int8.int8_decode
+def test_packed_decode_gives_the_bf16_models_tokens(chat_model: ChatModel) -> None:
+    """The 4-bit copies hold the same values as the dequantised GGUF weights:
+    token by token (teacher-forced), the same next token and near-equal logits."""
+    packed = ChatModel(ChatSettings())
+    packed.load()
+    # Every projection of the Q4_1 model but lm_head (tied to the embedding, not 4-bit).
+    assert packed.packed_projections == 7 * 30
+    assert llama.pack_4bit(torch.randn(64, 64, dtype=torch.bfloat16)) is None
     agreed = steps = 0
     worst = 0.0
     with torch.inference_mode():
         for question in QUESTIONS:
             ids = chat_model.prompt_ids([{"role": "user", "content": question}])
             ours = chat_model.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
-            theirs = int8.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+            theirs = packed.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
             for _ in range(32):
                 want = int(ours.logits[0, -1].float().argmax())
                 got = theirs.logits[0, -1].float()
@@ -95,9 +96,12 @@ def test_int8_decode_follows_the_bf16_model(chat_model: ChatModel) -> None:
                 steps += 1
                 step = torch.tensor([[want]])
                 ours = chat_model.model(input_ids=step, cache=ours.cache)
-                theirs = int8.model(input_ids=step, cache=theirs.cache)
-    assert agreed / steps >= 0.9, (agreed, steps)
-    assert worst < 3.0, worst
+                theirs = packed.model(input_ids=step, cache=theirs.cache)
+    print(f"packed decode: {agreed}/{steps} same tokens, largest logit difference {worst:.3f}")
+    assert agreed / steps >= 0.97, (agreed, steps)
+    # Logits of ~20-30 in bfloat16 are 0.125-0.25 apart; summing in another order
+    # moves them a few such steps (the cropped-cache test allows 1.0 for the same).
+    assert worst < 2.0, worst
 
 
 def test_cropped_cache_continues_like_a_full_prefill(chat_model: ChatModel) -> None:

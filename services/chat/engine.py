@@ -184,7 +184,8 @@ class ChatModel:
         self.implementation = ""  # "builtin-llama" | "transformers"
         self.eos_ids: set[int] = set()
         self.dtype_name = "float32"
-        self.int8_decode = False
+        #: Projections generating from 4-bit copies of their weights (packed_decode).
+        self.packed_projections = 0
         self.prefixes = PrefixCache(settings.kv_cache_sessions)
 
     # ---- loading -----------------------------------------------------------
@@ -217,9 +218,8 @@ class ChatModel:
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
             self.model = llama.LlamaForCausalLM.load(folder, dtype)
             self.implementation = "builtin-llama"
-            if self.settings.int8_decode and dtype == torch.bfloat16:
-                self.model.quantize_for_decode()
-                self.int8_decode = True
+            if self.settings.packed_decode and dtype == torch.bfloat16:
+                self.packed_projections = self.model.pack_for_decode()[0]
             eos = llama.eos_token_ids(folder)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,7 +249,7 @@ class ChatModel:
                 "loaded_from": self.loaded_from,
                 "implementation": self.implementation,
                 "dtype": self.dtype_name,
-                "int8_decode": self.int8_decode,
+                "packed_projections": self.packed_projections,
             },
         )
 

@@ -132,41 +132,65 @@ class CausalLMOutput:
     cache: KVCache | None
 
 
-# Generating a token reads every weight once, so it is bound by memory traffic:
-# int8 copies of the weights (one scale per output row) halve it. Measured here
-# (2 cores, AVX512-BF16, SmolLM2-135M): 32.5 -> 19.5 ms a token. With many rows
-# at once (a prompt) the work is compute-bound and the int8 kernel is slower
-# (2-3x at 32-300 rows), so prompts keep the bf16 weights.
-INT8_MAX_ROWS = 8
+# Generating a token reads every weight once, so it is bound by memory traffic.
+# A 4-bit GGUF (the default model is Q4_1) holds each run of 32 weights as 16
+# evenly spaced levels; dequantised to bfloat16 they still sit on that grid, so
+# they can be packed back into 4 bits exactly and multiplied by torch's int4
+# kernel: a quarter of the bytes, the same values. With many rows at once (a
+# prompt) the work is compute-bound and the int4 kernel is slower, so prompts
+# keep the bfloat16 weights. Weights not on such a grid stay as they are:
+# nothing is quantised that was not already.
+PACKED_MAX_ROWS = 8
+GROUP = 32
+
+
+def pack_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed weight, scales and zeros) for torch's int4 kernel when every group
+    of 32 weights of a row sits on 16 evenly spaced levels; None otherwise."""
+    rows, columns = weight.shape
+    if weight.dtype != torch.bfloat16 or columns % GROUP or rows % 16:
+        return None
+    grouped = weight.float().view(rows, columns // GROUP, GROUP)
+    low = grouped.amin(-1, keepdim=True)
+    step = (grouped.amax(-1, keepdim=True) - low) / 15
+    levels = torch.round((grouped - low) / torch.where(step > 0, step, 1)).clamp(0, 15)
+    # bfloat16 rounding of the dequantised values moves them ~0.06 step at most;
+    # weights off the grid land up to half a step away.
+    if ((levels * step + low - grouped).abs() > 0.25 * step + 1e-7).any():
+        return None
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            levels.view(rows, columns).to(torch.int32), 2
+        )
+    except (RuntimeError, AttributeError):  # a torch without the CPU int4 kernel
+        return None
+    # The kernel computes (level - 8) * scale + zero.
+    scales_zeros = torch.stack([step[..., 0], low[..., 0] + 8 * step[..., 0]], dim=-1)
+    return packed, scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 class Linear(nn.Module):
     """nn.Linear without its random initialisation: every weight is loaded
     afterwards, and initialising 135M parameters costs ~0.3 s. (The meta
     device would avoid that too, but ops on it import torch._dynamo, ~1 s.)
-    Optionally with an int8 copy of the weight for a few rows at a time."""
+    Optionally with a 4-bit copy of the weight for a few rows at a time."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.weight_int8: torch.Tensor | None = None
-        self.int8_scales: torch.Tensor | None = None
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def quantize_for_decode(self) -> None:
-        """Adds an int8 copy of the weight (symmetric, per output row) used when
-        at most INT8_MAX_ROWS rows come in."""
-        weight = self.weight.detach()
-        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127
-        self.weight_int8 = (
-            torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        )
-        self.int8_scales = scales.to(weight.dtype)
+    def pack_for_decode(self) -> bool:
+        """Adds the 4-bit copy if the weight sits on a 4-bit grid; says whether it did."""
+        self.packed = pack_4bit(self.weight.detach())
+        return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_int8 is not None and x.numel() <= INT8_MAX_ROWS * x.shape[-1]:
+        packed = self.packed
+        if packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
             rows = x.reshape(-1, x.shape[-1])
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.int8_scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed[0], GROUP, packed[1])
             if self.bias is not None:
                 out = out + self.bias
             return out.view(*x.shape[:-1], -1)
@@ -328,13 +352,11 @@ class LlamaForCausalLM(nn.Module):
         model.inv_freq = rope_inverse_frequencies(shape)
         return model.eval()
 
-    def quantize_for_decode(self) -> None:
-        """int8 copies of every projection (lm_head included) for token-by-token
-        generation; bf16 weights only (the int8 kernel is 10x slower with float32
-        inputs here)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.quantize_for_decode()
+    def pack_for_decode(self) -> tuple[int, int]:
+        """4-bit copies of the projections whose weights sit on a 4-bit grid, for
+        token-by-token generation; returns (packed, all) projections."""
+        linears = [module for module in self.modules() if isinstance(module, Linear)]
+        return sum(linear.pack_for_decode() for linear in linears), len(linears)
 
     def forward(
         self,
