@@ -5,6 +5,8 @@ with the speech as measured on the output frames themselves."""
 from __future__ import annotations
 
 import io
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from skimage import data
 
 from services.animate.config import AnimateSettings
 from services.animate.portrait import PortraitAnalyzer, PortraitLimits
-from services.animate.server import build_program
+from services.animate.server import BACKGROUND_RENDERS, build_program
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2
 from tests.processes import InProcessServer
 from tests.speech import piper_speech, silence, to_s16le, to_wav
@@ -50,13 +52,16 @@ def animate(
     server.stop()
 
 
-def render(stub, avatar_id: str, audio: np.ndarray, rate: int = 16_000) -> tuple[bytes, list]:  # type: ignore[no-untyped-def]
+def render(
+    stub, avatar_id: str, audio: np.ndarray, rate: int = 16_000, background: bool = False
+) -> tuple[bytes, list]:  # type: ignore[no-untyped-def]
     responses = list(
         stub.Render(
             animate_pb2.RenderRequest(
                 avatar_id=avatar_id,
                 audio=to_wav(audio, rate),
                 format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_WAV),
+                background=background,
             ),
             timeout=300,
         )
@@ -84,6 +89,22 @@ def test_render_makes_h264_aac_mp4_with_matching_durations(animate) -> None:
     assert frames == result.frame_count
     assert abs(video_s - audio_s) <= 1 / 25, (video_s, audio_s)  # within one frame
     assert abs(audio_s - len(SPEECH) / 16_000) < 0.1
+
+
+def test_a_background_render_gives_the_same_video_at_the_lowest_priority(animate) -> None:
+    stub, avatar_id = animate
+    clip = SPEECH[: 16_000 * 2]
+    _, normal = render(stub, avatar_id, clip)
+    mp4, background = render(stub, avatar_id, clip, background=True)
+    assert background[-1].result.frame_count == normal[-1].result.frame_count
+    assert background[-1].result.duration_ms == normal[-1].result.duration_ms
+    with av.open(io.BytesIO(mp4)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == background[-1].result.frame_count
+    # The thread it ran on (and the encoder threads it started) yield to everything else.
+    on_thread = BACKGROUND_RENDERS.submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    )
+    assert on_thread.result() == 19
 
 
 def test_lips_move_with_the_speech_on_the_rendered_frames(animate) -> None:

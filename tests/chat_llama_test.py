@@ -13,7 +13,7 @@ import torch
 
 from services.chat import llama
 from services.chat.config import ChatSettings
-from services.chat.engine import ChatModel, resolve_dtype
+from services.chat.engine import PACKED_FILE, ChatModel, resolve_dtype
 from tests.processes import REPO
 
 QUESTIONS = [
@@ -81,6 +81,14 @@ def test_packed_decode_gives_the_bf16_models_tokens(chat_model: ChatModel) -> No
     # Every projection of the Q4_1 model but lm_head (tied to the embedding, not 4-bit).
     assert packed.packed_projections == 7 * 30
     assert llama.pack_4bit(torch.randn(64, 64, dtype=torch.bfloat16)) is None
+    # Kept beside the cached weights, so a restart reads them instead of packing again.
+    assert packed.folder is not None and (packed.folder / PACKED_FILE).is_file()
+    again = ChatModel(ChatSettings())
+    again.load()
+    assert again.packed_projections == packed.packed_projections
+    first = packed.model.packed_state()
+    for name, tensor in again.model.packed_state().items():
+        assert torch.equal(tensor, first[name]), name
     agreed = steps = 0
     worst = 0.0
     with torch.inference_mode():
@@ -123,7 +131,7 @@ def test_restart_from_cache_skips_transformers_modeling_imports(chat_model: Chat
     script = (
         "import json, sys\n"
         "from services.chat.config import ChatSettings\n"
-        "from services.chat.engine import ChatModel, resolve_dtype\n"
+        "from services.chat.engine import PACKED_FILE, ChatModel, resolve_dtype\n"
         "model = ChatModel(ChatSettings())\n"
         "model.load()\n"
         "heavy = ['transformers.modeling_utils', 'torch._dynamo', 'sympy', 'scipy']\n"

@@ -5,6 +5,7 @@ trace id returned in the response headers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -99,3 +100,17 @@ def test_text_ask_through_grpcurl_returns_the_trace_id_in_the_headers(system) ->
     assert f'"trace_id": "{trace_id}"' in messages
     last_event = messages.rsplit("Response contents:", 1)[1]
     assert '"turn_finished"' in last_event and '"reply_text"' in last_event, last_event
+
+
+def test_chat_runs_at_a_lower_cpu_priority_than_the_stages_a_listener_waits_for(system) -> None:
+    """Chat writes ahead of what is being spoken; on a small host speech synthesis
+    and animation of the first sentence get the CPU first."""
+    niceness = {}
+    for program in ("asr", "chat", "synthesize", "animate", "gateway"):
+        pid = int(system.ctl("pid", program).stdout.strip())
+        niceness[program] = os.getpriority(os.PRIO_PROCESS, pid)
+        if program == "chat":
+            # Every thread (torch's and gRPC's included), not only the first.
+            threads = [int(thread) for thread in os.listdir(f"/proc/{pid}/task")]
+            assert {os.getpriority(os.PRIO_PROCESS, thread) for thread in threads} == {5}
+    assert niceness == {"asr": 0, "chat": 5, "synthesize": 0, "animate": 0, "gateway": 0}

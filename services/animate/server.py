@@ -7,13 +7,10 @@ re-encoding."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import io
 import itertools
 import math
-import os
-import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +27,7 @@ from services.animate.portrait import Check, PortraitAnalyzer, PortraitLimits
 from services.animate.wav2lip import Wav2Lip, Wav2LipAnimator, load_wav2lip
 from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
 from services.common.errors import InvalidInput, LimitExceeded
-from services.common.runtime import GrpcProgram, run_program
+from services.common.runtime import GrpcProgram, lower_cpu_priority, run_program
 from talker.v1 import animate_pb2, animate_pb2_grpc
 
 MIN_FPS, MAX_FPS = 5, 60
@@ -319,11 +316,9 @@ def _encode_video(
 
 
 def _lowest_priority() -> None:
-    # Linux keeps a nice value per thread, and the encoder threads this thread
-    # starts inherit it: the whole render yields the CPU to live turns.
-    # Elsewhere (not Linux, or not allowed) it renders at normal priority.
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    # The encoder threads this thread starts inherit its nice value: the whole
+    # render yields the CPU to live turns.
+    lower_cpu_priority(19, thread_only=True)
 
 
 # Renders nobody waits on, one at a time on a thread of their own (a thread

@@ -78,6 +78,15 @@ class ChatSettings(ServiceSettings):
         "traffic: measured 32.5 -> 17 ms a token for the default model on 2 cores. "
         "Built-in Llama in bfloat16 only; other weights are left as they are.",
     )
+    cpu_niceness: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="CPU priority (nice value). Once the first sentence is out, chat "
+        "writes ahead of what is being spoken, while speech synthesis and animation of "
+        "the first sentence are what the listener waits for: on 2 cores chat yields to "
+        "them. (An idle host gives chat its full speed whatever the value.)",
+    )
     torch_threads: int = Field(default=2, ge=1, le=64, description="torch intra-op threads.")
     system_prompt: str = Field(
         default=DEFAULT_SYSTEM_PROMPT, description="Persona and rules given to the model."

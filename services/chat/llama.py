@@ -352,6 +352,23 @@ class LlamaForCausalLM(nn.Module):
         model.inv_freq = rope_inverse_frequencies(shape)
         return model.eval()
 
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """The 4-bit copies, by projection name (to keep them beside the weights)."""
+        state = {}
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and module.packed is not None:
+                state[f"{name}.packed"], state[f"{name}.scales_zeros"] = module.packed
+        return state
+
+    def load_packed(self, state: dict[str, torch.Tensor]) -> int:
+        """Puts back copies saved by `packed_state`; returns how many."""
+        count = 0
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and f"{name}.packed" in state:
+                module.packed = (state[f"{name}.packed"], state[f"{name}.scales_zeros"])
+                count += 1
+        return count
+
     def pack_for_decode(self) -> tuple[int, int]:
         """4-bit copies of the projections whose weights sit on a 4-bit grid, for
         token-by-token generation; returns (packed, all) projections."""

@@ -6,9 +6,12 @@ servicer and its model loader."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -222,6 +225,27 @@ def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
+def lower_cpu_priority(niceness: int, thread_only: bool = False) -> None:
+    """Raises the nice value of this process (or only of the calling thread) to
+    `niceness`; threads started afterwards inherit it. Linux keeps the value per
+    thread, so every thread running now is set. Never lowers it: that would need
+    privileges, and an operator's `nice` outside stays in force."""
+    if niceness <= 0:
+        return
+    threads = [threading.get_native_id()] if thread_only else _thread_ids()
+    for thread in threads:
+        with contextlib.suppress(OSError):  # gone, or not allowed: leave it as it is
+            current = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, max(current, niceness))
+
+
+def _thread_ids() -> list[int]:
+    try:
+        return [int(task) for task in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: the process as a whole (one value on other systems)
+        return [0]
+
+
 def run_program(
     settings_class: type[ServiceSettings],
     build: Callable[[Any], GrpcProgram],
@@ -231,5 +255,6 @@ def run_program(
     and command-line flags, JSON logging, then serve until terminated."""
     settings = settings_class.load(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.program, settings.log_level)
+    lower_cpu_priority(settings.cpu_niceness)
     program = build(settings)
     asyncio.run(program.run_until_terminated())

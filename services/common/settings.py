@@ -58,6 +58,14 @@ class ServiceSettings(BaseSettings):
         description="Calls served at once; gRPC answers RESOURCE_EXHAUSTED past it.",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
+    cpu_niceness: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="CPU priority of the program (Unix nice value, 0-19; higher yields "
+        "more). On a small host, work that is ahead of the listener can yield to the "
+        "stages a turn is waiting on.",
+    )
     memory_limit_mb: int = Field(
         default=0,
         ge=0,
