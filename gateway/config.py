@@ -45,6 +45,9 @@ class GatewaySettings(ServiceSettings):
         default=300, gt=0, description="Deadline of a turn's live animation stream."
     )
     render_timeout_s: float = Field(default=600, gt=0, description="Deadline of an mp4 render.")
+    lookup_timeout_s: float = Field(
+        default=5, gt=0, description="Deadline of looking up a voice or avatar id before a call."
+    )
     converse_max_s: float = Field(
         default=3600, gt=0, description="Longest a Converse call may stay open, in seconds."
     )

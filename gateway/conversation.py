@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway.downstream import Stages
-from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, stream_events
+from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, checked_text, stream_events
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded
 from talker.v1 import asr_pb2, talker_pb2
@@ -120,14 +120,7 @@ class Conversation:
                     )
                 await self.asr_input.put(message.audio)
             elif which == "text":
-                text = message.text.strip()
-                if not text:
-                    raise InvalidInput("A text turn is empty: send what the user typed.")
-                if len(text) > self.max_text_chars:
-                    raise LimitExceeded(
-                        f"A text turn has {len(text)} characters; at most "
-                        f"{self.max_text_chars} are accepted."
-                    )
+                text = checked_text(message.text, self.max_text_chars, "A text turn")
                 await self.start_turn(text, time.perf_counter())
             elif which == "config":
                 raise InvalidInput("config may be sent only once, as the first message.")

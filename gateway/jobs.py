@@ -15,6 +15,7 @@ from grpc import aio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.config import GatewaySettings
 from gateway.downstream import PIPELINE_STAGE, Stages
 from jobs.config import JobSettings
 from jobs.queue import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, JobRecord, JobSpec
@@ -40,14 +41,14 @@ PRIORITY_NAME = {
 }
 MIN_FPS, MAX_FPS = 10, 30
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 100, 20
+
+
 # Id check timeout: the same short deadline Ask uses for GetVoice / GetAvatar.
-ID_CHECK_TIMEOUT_S = 30.0
-
-
 class JobRpcs:
     """SubmitRender, GetJob, ListJobs, CancelJob (mixed into TalkerServicer)."""
 
     stages: Stages
+    settings: GatewaySettings
     _job_queue: JobQueue | None = None
 
     @property
@@ -122,7 +123,7 @@ class JobRpcs:
             spec.audio_channels = clip.format.channels
             spec.audio_ms = max(1, int(seconds * 1000))
         # Unknown avatars and voices fail the submit with NOT_FOUND, not the job later.
-        await self.stages.check_ids(voice_id, avatar_id, ID_CHECK_TIMEOUT_S)
+        await self.stages.check_ids(voice_id, avatar_id, self.settings.lookup_timeout_s)
         record = await self._queued(queue.submit(spec))
         return talker_pb2.SubmitRenderResponse(job=job_message(record))
 

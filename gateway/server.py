@@ -25,7 +25,16 @@ from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
-from gateway.turns import HeldEmit, Reply, ReplyOptions, Turn, render_request, stream_events
+from gateway.turns import (
+    CallContext,
+    HeldEmit,
+    Reply,
+    ReplyOptions,
+    Turn,
+    checked_text,
+    render_request,
+    stream_events,
+)
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
 from services.common.ids import check_id
@@ -75,17 +84,11 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         if which is None:
             raise InvalidInput("The question is missing: set `text` or `audio`.")
         if which == "text":
-            text = request.text.strip()
-            if not text:
-                raise InvalidInput("The question text is empty.")
-            if len(text) > self.settings.max_question_chars:
-                raise LimitExceeded(
-                    f"The question has {len(text)} characters; at most "
-                    f"{self.settings.max_question_chars} are accepted."
-                )
+            checked_text(request.text, self.settings.max_question_chars, "The question")
         else:
             self._check_clip(request.audio)
         await self._check_ids(options)
+        call = CallContext(trace_id, session_id, user_id, scene, options)
         log.info(
             "ask",
             extra={"session_id": session_id, "user_id": user_id, "scene": scene, "question": which},
@@ -106,9 +109,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
                 await self._transcribe(request, turn, emit)
             else:
                 turn.user_text = request.text.strip()
-            await self._run_turn(
-                turn, options, session_id, user_id, scene, trace_id, emit, end_on_error=True
-            )
+            await self._run_turn(turn, call, emit, end_on_error=True)
 
         async for event in stream_events(events, ask()):
             yield talker_pb2.AskResponse(event=event)
@@ -176,16 +177,14 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         session_id = check_id(config.session_id, "session_id", allow_empty=True) or new_id()
         options = reply_options(config)
         await self._check_ids(options)
+        call = CallContext(trace_id, session_id, user_id, scene, options)
 
         async def run_turn(turn: Turn, emit: Any) -> None:
-            await self._run_turn(turn, options, session_id, user_id, scene, trace_id, emit)
+            await self._run_turn(turn, call, emit)
 
         async def interrupted(turn: Turn) -> None:
             TURNS.labels("interrupted").inc()
-            record = self._record(
-                turn, options, session_id, user_id, scene, trace_id, "interrupted"
-            )
-            await self.archivist.keep(record, user_id, scene)
+            await self.archivist.keep(self._record(turn, call, "interrupted"), user_id, scene)
 
         conversation = Conversation(
             self.stages,
@@ -204,25 +203,9 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
 
     # ---- a turn -----------------------------------------------------------------
     async def _run_turn(
-        self,
-        turn: Turn,
-        options: ReplyOptions,
-        session_id: str,
-        user_id: str,
-        scene: str,
-        trace_id: str,
-        emit: Any,
-        end_on_error: bool = False,
+        self, turn: Turn, call: CallContext, emit: Any, end_on_error: bool = False
     ) -> None:
-        reply = Reply(
-            self.stages,
-            self.settings,
-            options,
-            session_id,
-            user_id,
-            turn,
-            emit,
-        )
+        reply = Reply(self.stages, self.settings, call, turn, emit)
         try:
             await reply.run()
         except TalkerError as error:
@@ -233,17 +216,17 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
                 "turn failed",
                 extra={"turn_index": turn.index, "stage": failure.stage, "code": failure.code.name},
             )
-            record = self._record(turn, options, session_id, user_id, scene, trace_id, "error")
+            record = self._record(turn, call, "error")
             TURNS.labels("error").inc()
             record["error"] = {
                 "stage": failure.stage,
                 "code": failure.code.name,
                 "message": str(failure),
             }
-            await self.archivist.keep(record, user_id, scene)
+            await self.archivist.keep(record, call.user_id, call.scene)
             if end_on_error:
                 raise failure from None
-            await emit(turn.event(error=failure.turn_error(trace_id)))
+            await emit(turn.event(error=failure.turn_error(call.trace_id)))
             return
         if isinstance(emit, HeldEmit):
             await emit.confirmed.wait()  # a guess that is never confirmed leaves no trace
@@ -251,10 +234,16 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         TURNS.labels("finished").inc()
         for name, value in turn.timings.ListFields():
             MILESTONE_SECONDS.labels(name.name.removesuffix("_ms")).observe(value / 1000)
-        record = self._record(turn, options, session_id, user_id, scene, trace_id, "finished")
-        render = self._archive_renderer(options) if options.avatar_id else None
+        record = self._record(turn, call, "finished")
+        render = self._archive_renderer(call.options) if call.options.avatar_id else None
         path = await self.archivist.keep(
-            record, user_id, scene, bytes(turn.audio), turn.audio_rate_hz, bytes(turn.mp4), render
+            record,
+            call.user_id,
+            call.scene,
+            bytes(turn.audio),
+            turn.audio_rate_hz,
+            bytes(turn.mp4),
+            render,
         )
         finished = turn.finished or chat_pb2.ReplyFinished()
         log.info(
@@ -271,7 +260,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         await emit(
             turn.event(
                 turn_finished=talker_pb2.TurnFinished(
-                    trace_id=trace_id,
+                    trace_id=call.trace_id,
                     user_text=turn.user_text,
                     reply_text=finished.text or turn.reply_text,
                     finish_reason=finished.finish_reason,
@@ -293,24 +282,16 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
 
         return render
 
-    def _record(
-        self,
-        turn: Turn,
-        options: ReplyOptions,
-        session_id: str,
-        user_id: str,
-        scene: str,
-        trace_id: str,
-        status: str,
-    ) -> dict[str, Any]:
+    def _record(self, turn: Turn, call: CallContext, status: str) -> dict[str, Any]:
         finished = turn.finished or chat_pb2.ReplyFinished()
+        options = call.options
         return {
-            "trace_id": trace_id,
+            "trace_id": call.trace_id,
             "status": status,
             "created": datetime.now(UTC).isoformat(),
-            "session_id": session_id,
-            "user_id": user_id,
-            "scene": scene,
+            "session_id": call.session_id,
+            "user_id": call.user_id,
+            "scene": call.scene,
             "turn_index": turn.index,
             "user_text": turn.user_text,
             "language": turn.language,
@@ -339,7 +320,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         await self.stages.check_ids(
             options.voice_id if options.speaks else "",
             options.avatar_id if options.live_video or options.render_mp4 else "",
-            self.settings.asr_timeout_s,
+            self.settings.lookup_timeout_s,
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.config import GatewaySettings
 from gateway.downstream import Stages, pcm_s16le
+from services.common.errors import InvalidInput, LimitExceeded
 from talker.v1 import animate_pb2, chat_pb2, synthesize_pb2, talker_pb2
 
 Emit = Callable[[talker_pb2.ConverseEvent], Awaitable[None]]
@@ -41,6 +42,27 @@ class ReplyOptions:
     @property
     def live_video(self) -> bool:
         return self.mode == talker_pb2.REPLY_MODE_AUDIO_VIDEO and not self.render_mp4
+
+
+def checked_text(raw: str, max_chars: int, what: str) -> str:
+    """A typed question, stripped; empty or too long is refused with a reason."""
+    text = raw.strip()
+    if not text:
+        raise InvalidInput(f"{what} is empty: send what the user typed.")
+    if len(text) > max_chars:
+        raise LimitExceeded(f"{what} has {len(text)} characters; at most {max_chars} are accepted.")
+    return text
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What every turn of one call shares: who it is for and how it replies."""
+
+    trace_id: str
+    session_id: str
+    user_id: str
+    scene: str
+    options: ReplyOptions
 
 
 @dataclass
@@ -185,17 +207,14 @@ class Reply:
         self,
         stages: Stages,
         settings: GatewaySettings,
-        options: ReplyOptions,
-        session_id: str,
-        user_id: str,
+        call: CallContext,
         turn: Turn,
         emit: Emit,
     ) -> None:
         self.stages = stages
         self.settings = settings
-        self.options = options
-        self.session_id = session_id
-        self.user_id = user_id
+        self.call = call
+        self.options = call.options
         self.turn = turn
         self.emit = emit
 
@@ -223,9 +242,9 @@ class Reply:
     async def _think(self, sentences: asyncio.Queue[tuple[int, str] | None] | None) -> None:
         turn = self.turn
         request = chat_pb2.ChatRequest(
-            session_id=self.session_id,
+            session_id=self.call.session_id,
             text=turn.user_text,
-            user_id=self.user_id,
+            user_id=self.call.user_id,
             sampling=self.options.sampling,
             speculative=bool(turn.speculation_id),
             speculation_id=turn.speculation_id,
