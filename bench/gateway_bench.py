@@ -8,8 +8,9 @@ person would. Milestones are measured from the true end of speech (the last
 audible sample of the question leaving the device).
 
 Hop overhead: the same work called through the gateway and directly on the
-stage, alternated in one run; the difference of the two p50s is what the
-gateway adds on that hop (its own parsing, checks, forwarding and queueing)."""
+stage, in pairs whose order alternates, in one run; the median of the paired
+differences is what the gateway adds on that hop (its own parsing, checks,
+forwarding and queueing)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ QUESTIONS = [
     "Do you like music?",
 ]
 TURNS = int(os.environ.get("TALKER_BENCH_TURNS", "20"))
-HOP_ROUNDS = int(os.environ.get("TALKER_BENCH_HOP_ROUNDS", "15"))
+HOP_ROUNDS = int(os.environ.get("TALKER_BENCH_HOP_ROUNDS", "20"))
+SETTLE_S = 0.2
 MILESTONES = [
     ("final transcript", "transcript"),
     ("first reply token", "reply_delta"),
@@ -249,41 +251,42 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
         for offset in range(0, len(speech_pcm), 6400):
             yield animate_pb2.AnimateRequest(audio=speech_pcm[offset : offset + 6400])
 
-    for n in range(HOP_ROUNDS):
-        # ASR: a whole clip, to the transcript.
-        via = gateway.Ask(
-            talker_pb2.AskRequest(
-                audio=talker_pb2.AudioClip(format=S16_16K, audio=clip),
-                language="en",
-                mode=talker_pb2.REPLY_MODE_TEXT,
-                sampling=sampling,
-            )
+    def via_asr(n: int) -> float:  # a whole clip, to the transcript
+        request = talker_pb2.AskRequest(
+            audio=talker_pb2.AudioClip(format=S16_16K, audio=clip),
+            language="en",
+            mode=talker_pb2.REPLY_MODE_TEXT,
+            sampling=sampling,
         )
-        pairs["asr"][0].append(timed_first(via, event_is("transcript")))
-        direct = asr.Recognize(
-            asr_pb2.RecognizeRequest(
-                format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
-            )
+        return timed_first(gateway.Ask(request), event_is("transcript"))
+
+    def direct_asr(n: int) -> float:
+        request = asr_pb2.RecognizeRequest(
+            format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
         )
         started = time.perf_counter()
-        direct = asr.Recognize(
-            asr_pb2.RecognizeRequest(
-                format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
-            )
+        asr.Recognize(request)
+        return (time.perf_counter() - started) * 1000
+
+    def via_chat(n: int) -> float:  # a fresh session each time, to the first token
+        request = talker_pb2.AskRequest(
+            text=QUESTIONS[0], mode=talker_pb2.REPLY_MODE_TEXT, sampling=sampling
         )
-        pairs["asr"][1].append((time.perf_counter() - started) * 1000)
-        del direct
-        # Chat: a fresh session each time, to the first token.
-        via = gateway.Ask(
-            talker_pb2.AskRequest(
-                text=QUESTIONS[0], mode=talker_pb2.REPLY_MODE_TEXT, sampling=sampling
-            )
-        )
-        pairs["chat"][0].append(timed_first(via, event_is("reply_delta")))
-        direct = chat.Chat(
-            chat_pb2.ChatRequest(session_id=f"hop-{n}", text=QUESTIONS[0], sampling=sampling)
-        )
-        pairs["chat"][1].append(timed_first(direct, lambda r: r.WhichOneof("response") == "delta"))
+        return timed_first(gateway.Ask(request), event_is("reply_delta"))
+
+    def direct_chat(n: int) -> float:
+        request = chat_pb2.ChatRequest(session_id=f"hop-{n}", text=QUESTIONS[0], sampling=sampling)
+        return timed_first(chat.Chat(request), lambda r: r.WhichOneof("response") == "delta")
+
+    for n in range(HOP_ROUNDS):
+        for hop, via, direct in (("asr", via_asr, direct_asr), ("chat", via_chat, direct_chat)):
+            # Whichever goes second runs on a machine the first has just warmed (or
+            # left threads spinning on): the order alternates, and each call starts
+            # after a short pause, when the last one's work has settled.
+            order = [(0, via), (1, direct)] if n % 2 == 0 else [(1, direct), (0, via)]
+            for side, measure in order:
+                time.sleep(SETTLE_S)
+                pairs[hop][side].append(measure(n))
     # Apart from the rounds above: each of these turns leaves an archive video to
     # render in the background, which would otherwise run under the next asr/chat
     # pair and be counted as the gateway's overhead.

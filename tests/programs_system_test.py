@@ -107,7 +107,7 @@ def test_chat_runs_at_a_lower_cpu_priority_than_the_stages_a_listener_waits_for(
     and animation of the first sentence get the CPU first."""
     niceness = {}
     for program in ("asr", "chat", "synthesize", "animate", "gateway"):
-        pid = int(system.ctl("pid", program).stdout.strip())
+        pid = int(system.ctl("pid", f"talker:{program}").stdout.strip())
         niceness[program] = os.getpriority(os.PRIO_PROCESS, pid)
         if program == "chat":
             # Every thread (torch's and gRPC's included), not only the first.

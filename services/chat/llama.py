@@ -102,6 +102,14 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
+    def copy(self) -> KVCache:
+        """A cache that starts where this one is and grows apart from it. The
+        tensors are shared: neither `update` (which concatenates into new ones)
+        nor `crop` (which slices) ever writes into them."""
+        twin = KVCache()
+        twin.keys, twin.values = list(self.keys), list(self.values)
+        return twin
+
     def get_seq_length(self) -> int:
         return int(self.keys[0].shape[-2]) if self.keys else 0
 
