@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import grpc
@@ -236,7 +237,6 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
     animate = animate_pb2_grpc.AnimateServiceStub(
         grpc.insecure_channel(system.addresses["animate"])
     )
-    clip = to_s16le(np.concatenate([trimmed(QUESTIONS[0]), silence(0.2)]))
     sampling = chat_pb2.SamplingParams(greedy=True, max_new_tokens=8)
     sentence = "The capital of France is Paris."
     speech_pcm = to_s16le(piper_speech(sentence))
@@ -251,22 +251,70 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
         for offset in range(0, len(speech_pcm), 6400):
             yield animate_pb2.AnimateRequest(audio=speech_pcm[offset : offset + 6400])
 
-    def via_asr(n: int) -> float:  # a whole clip, to the transcript
-        request = talker_pb2.AskRequest(
-            audio=talker_pb2.AudioClip(format=S16_16K, audio=clip),
-            language="en",
-            mode=talker_pb2.REPLY_MODE_TEXT,
-            sampling=sampling,
+    # ASR: the live path, a device streaming at real-time pace, from the end of
+    # its speech to the final transcript (as in the spoken turns above).
+    question = to_s16le(trimmed(QUESTIONS[0]))
+    spoken = question + to_s16le(silence(0.8))
+    chunks = [spoken[offset : offset + 640] for offset in range(0, len(spoken), 640)]
+    speech_chunks = -(-len(question) // 640)
+
+    def paced(first, wrap, done: threading.Event, speech_end: list[float]):  # type: ignore[no-untyped-def]
+        yield first
+        clock = time.monotonic()
+        for index, chunk in enumerate(chunks):
+            clock += 0.02
+            time.sleep(max(0.0, clock - time.monotonic()))
+            yield wrap(chunk)
+            if index + 1 == speech_chunks:
+                speech_end.append(time.monotonic())
+        done.wait(60)
+
+    def until_final(call, is_final, done: threading.Event, speech_end: list[float]) -> float:  # type: ignore[no-untyped-def]
+        try:
+            for response in call:
+                if is_final(response):
+                    return (time.monotonic() - speech_end[0]) * 1000
+        finally:
+            done.set()
+            call.cancel()
+        raise AssertionError("no final transcript")
+
+    def via_asr(n: int) -> float:
+        done, speech_end = threading.Event(), []
+        config = talker_pb2.ConverseConfig(
+            mode=talker_pb2.REPLY_MODE_TEXT, input_format=S16_16K, language="en", sampling=sampling
         )
-        return timed_first(gateway.Ask(request), event_is("transcript"))
+        requests = paced(
+            talker_pb2.ConverseRequest(config=config),
+            lambda chunk: talker_pb2.ConverseRequest(audio=chunk),
+            done,
+            speech_end,
+        )
+
+        def final(response) -> bool:  # type: ignore[no-untyped-def]
+            event = response.event
+            return event.WhichOneof("event") == "transcript" and event.transcript.is_final
+
+        return until_final(gateway.Converse(requests), final, done, speech_end)
 
     def direct_asr(n: int) -> float:
-        request = asr_pb2.RecognizeRequest(
-            format=S16_16K, audio=clip, config=asr_pb2.RecognitionConfig(language="en")
+        done, speech_end = threading.Event(), []
+        config = asr_pb2.StreamingRecognitionConfig(
+            format=S16_16K,
+            config=asr_pb2.RecognitionConfig(language="en"),
+            speculative_results=True,  # as the gateway asks
         )
-        started = time.perf_counter()
-        asr.Recognize(request)
-        return (time.perf_counter() - started) * 1000
+        requests = paced(
+            asr_pb2.StreamingRecognizeRequest(config=config),
+            lambda chunk: asr_pb2.StreamingRecognizeRequest(audio=chunk),
+            done,
+            speech_end,
+        )
+
+        def final(response) -> bool:  # type: ignore[no-untyped-def]
+            return response.WhichOneof("response") == "result" and response.result.is_final
+
+        return until_final(asr.StreamingRecognize(requests), final, done, speech_end)
 
     def via_chat(n: int) -> float:  # a fresh session each time, to the first token
         request = talker_pb2.AskRequest(
@@ -332,7 +380,9 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
         rows,
     )
     print(
-        "\nasr/chat: the whole call through the gateway vs direct (Ask's checks included). "
+        "\nasr: a device streaming in real time (Converse vs StreamingRecognize), end of speech "
+        "-> final transcript. chat: a text Ask vs Chat, to the first token (Ask's checks "
+        "included). "
         "synthesize/animate: measured inside a live turn (sentence -> first audio, first audio "
         "-> first frame) while chat is still generating on the same 2 cores, vs an idle direct "
         "call: an upper bound on the hop's cost."
