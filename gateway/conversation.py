@@ -15,8 +15,8 @@ from typing import Any
 from gateway.downstream import Stages
 from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, checked_text, stream_events
 from services.common.audio import raw_layout
-from services.common.errors import InvalidInput, LimitExceeded
-from talker.v1 import asr_pb2, talker_pb2
+from services.common.errors import InvalidInput, LimitExceeded, TalkerError
+from talker.v1 import asr_pb2, chat_pb2, talker_pb2
 
 log = logging.getLogger("talker.gateway.converse")
 
@@ -40,8 +40,10 @@ class Conversation:
         max_text_chars: int,
         max_call_s: float,
         speculate: bool = True,
+        lookup_timeout_s: float = 5,
     ) -> None:
         self.speculate = speculate
+        self.lookup_timeout_s = lookup_timeout_s
         #: A reply started on ASR's speculative result, held back until the final confirms it.
         self.guess: tuple[Turn, asyncio.Task[None], HeldEmit] | None = None
         # A dropped guess may have reached the chat history; the next reply takes it back.
@@ -267,3 +269,17 @@ class Conversation:
         await self._drop_guess()
         if self.current is not None:
             await cancel_and_wait(self.current[1])
+        if self.take_back:
+            # No next message will carry the take-back: the call is over.
+            await self._take_back_now(self._take_back())
+
+    async def _take_back_now(self, speculation_id: str) -> None:
+        request = chat_pb2.DiscardSpeculationRequest(
+            session_id=self.session_id, speculation_id=speculation_id
+        )
+        try:
+            await self.stages.chat.unary(
+                self.stages.chat_stub.DiscardSpeculation, request, self.lookup_timeout_s
+            )
+        except TalkerError as error:  # chat is down: its history went with it
+            log.warning("could not take a guess back", extra={"error": str(error)})

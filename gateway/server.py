@@ -196,6 +196,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             self.settings.max_question_chars,
             self.settings.converse_max_s,
             self.settings.speculative_replies,
+            self.settings.lookup_timeout_s,
         )
         log.info("converse", extra={"session_id": session_id, "user_id": user_id, "scene": scene})
         async for event in conversation.run(request_iterator):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 import urllib.request
 from datetime import UTC, datetime
 
@@ -29,7 +31,7 @@ from talker.v1 import (
 from tests.device import converse, pause, speech, wait_for
 from tests.portrait import create_astronaut
 from tests.processes import VENV_BIN
-from tests.speech import piper_speech, silence, to_wav, word_error_rate
+from tests.speech import piper_speech, silence, to_s16le, to_wav, word_error_rate
 
 PROGRAM_NAMES = ("asr", "chat", "synthesize", "animate", "gateway")
 QUESTION = "What is the capital of France?"
@@ -229,6 +231,52 @@ def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) ->
     session_id = session.first("started").event.started.session_id
     turns = chat_stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id)).session.turns
     assert len(turns) == 2 and "france" in turns[0].text.lower(), turns
+
+
+def test_a_guess_held_when_the_call_ends_is_taken_back(system, gateway) -> None:
+    """The device hangs up during a pause: the reply started on a guess is
+    dropped, and no later message will carry the take-back, so the gateway
+    sends one of its own. The session's history stays empty."""
+    session_id, trace_id = "guess-at-hangup", "test-hangup"
+    config = talker_pb2.ConverseConfig(
+        session_id=session_id,
+        mode=talker_pb2.REPLY_MODE_TEXT,
+        input_format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=16_000, channels=1
+        ),
+        sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=48),
+    )
+    hung_up = threading.Event()
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield talker_pb2.ConverseRequest(config=config)
+        pcm = to_s16le(np.concatenate([piper_speech("Please tell me"), silence(0.3)]))
+        clock = time.monotonic()
+        for offset in range(0, len(pcm), 640):  # 20 ms chunks in real time
+            clock += 0.02
+            time.sleep(max(0.0, clock - time.monotonic()))
+            yield talker_pb2.ConverseRequest(audio=pcm[offset : offset + 640])
+        hung_up.wait(60)  # the microphone stops: no end of utterance is ever reached
+
+    def logged(program: str, event: str) -> bool:
+        return any(
+            trace_id in line and f'"{event}"' in line for line in system.log(program).splitlines()
+        )
+
+    call = gateway.Converse(requests(), metadata=[("x-trace-id", trace_id)])
+    deadline = time.monotonic() + 30
+    while not logged("gateway", "speculative reply started"):
+        assert time.monotonic() < deadline, "no guess was started at the pause"
+        time.sleep(0.05)
+    call.cancel()
+    hung_up.set()
+    deadline = time.monotonic() + 15
+    while not logged("chat", "speculative exchange taken back"):
+        assert time.monotonic() < deadline, "the guess was never taken back"
+        time.sleep(0.1)
+    chat_stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(system.addresses["chat"]))
+    turns = chat_stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id)).session.turns
+    assert list(turns) == [], turns
 
 
 def test_ask_with_text_streams_audio_and_returns_the_trace_id(system, gateway) -> None:

@@ -239,6 +239,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.model.prefixes.drop(session_id)
         return chat_pb2.ResetSessionResponse(existed=existed, turns_removed=removed)
 
+    async def DiscardSpeculation(
+        self, request: chat_pb2.DiscardSpeculationRequest, context: aio.ServicerContext
+    ) -> chat_pb2.DiscardSpeculationResponse:
+        session_id = check_id(request.session_id, "session_id")
+        speculation_id = check_id(request.speculation_id, "speculation_id")
+        session = self.sessions.get(session_id)
+        if session is None:
+            return chat_pb2.DiscardSpeculationResponse(discarded=False)
+        # After the guess's own call has stored its exchange (it holds the lock till then).
+        async with session.busy:
+            discarded = session.discard_speculative(speculation_id)
+        if discarded:
+            log.info("speculative exchange taken back", extra={"session_id": session_id})
+        return chat_pb2.DiscardSpeculationResponse(discarded=discarded)
+
     async def GetSession(
         self, request: chat_pb2.GetSessionRequest, context: aio.ServicerContext
     ) -> chat_pb2.GetSessionResponse:
