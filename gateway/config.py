@@ -46,7 +46,10 @@ class GatewaySettings(ServiceSettings):
     )
     render_timeout_s: float = Field(default=600, gt=0, description="Deadline of an mp4 render.")
     lookup_timeout_s: float = Field(
-        default=5, gt=0, description="Deadline of looking up a voice or avatar id before a call."
+        default=5,
+        gt=0,
+        description="Deadline of the short bookkeeping calls: looking up a voice or avatar "
+        "id before a call, taking a dropped guess back from chat when a call ends.",
     )
     converse_max_s: float = Field(
         default=3600, gt=0, description="Longest a Converse call may stay open, in seconds."

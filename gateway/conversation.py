@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -16,6 +15,7 @@ from gateway.downstream import Stages
 from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, checked_text, stream_events
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
+from services.common.ids import new_id
 from talker.v1 import asr_pb2, chat_pb2, talker_pb2
 
 log = logging.getLogger("talker.gateway.converse")
@@ -211,7 +211,7 @@ class Conversation:
             index=self.next_turn,
             user_text=text,
             language=language,
-            speculation_id=uuid.uuid4().hex[:16],
+            speculation_id=new_id(),
             discard_speculation_id=self._take_back(),
         )
         held = HeldEmit(self.emit)

@@ -43,7 +43,6 @@ MIN_FPS, MAX_FPS = 10, 30
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 100, 20
 
 
-# Id check timeout: the same short deadline Ask uses for GetVoice / GetAvatar.
 class JobRpcs:
     """SubmitRender, GetJob, ListJobs, CancelJob (mixed into TalkerServicer)."""
 

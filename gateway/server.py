@@ -8,7 +8,6 @@ import asyncio
 import io
 import logging
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +36,7 @@ from gateway.turns import (
 )
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
-from services.common.ids import check_id
+from services.common.ids import check_id, new_id
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
@@ -335,10 +334,6 @@ def clip_seconds(clip: talker_pb2.AudioClip) -> float:
     except Exception:  # not a readable file: ASR will say exactly why
         return 0.0
     return float(info.frames) / info.samplerate if info.samplerate else 0.0
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 MAX_FPS = 60

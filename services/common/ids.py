@@ -5,6 +5,7 @@ log lines, so one rule for all: 1 to 64 letters, digits, '-' or '_'. No '/',
 from __future__ import annotations
 
 import re
+import uuid
 
 from services.common.errors import InvalidInput
 
@@ -19,3 +20,8 @@ def check_id(value: str, what: str, allow_empty: bool = False) -> str:
             f"{what} {value[:80]!r} is not valid: use 1 to 64 letters, digits, '-' or '_'."
         )
     return value
+
+
+def new_id() -> str:
+    """A fresh id that passes `check_id` (sessions, guesses the gateway names)."""
+    return uuid.uuid4().hex[:16]
