@@ -273,7 +273,7 @@ class ChatModel:
                 return model.load_packed(load_file(kept))
             except (OSError, ValueError, RuntimeError) as error:
                 log.warning("packed weights unreadable; packing again", extra={"error": str(error)})
-        count = model.pack_for_decode()[0]
+        count = model.pack_for_decode()
         if kept is not None:
             for stale in folder.glob(f"{PACKED_FILE}.partial-*"):  # left by a crash
                 stale.unlink(missing_ok=True)

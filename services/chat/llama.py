@@ -377,11 +377,11 @@ class LlamaForCausalLM(nn.Module):
                 count += 1
         return count
 
-    def pack_for_decode(self) -> tuple[int, int]:
+    def pack_for_decode(self) -> int:
         """4-bit copies of the projections whose weights sit on a 4-bit grid, for
-        token-by-token generation; returns (packed, all) projections."""
+        token-by-token generation; returns how many were packed."""
         linears = [module for module in self.modules() if isinstance(module, Linear)]
-        return sum(linear.pack_for_decode() for linear in linears), len(linears)
+        return sum(linear.pack_for_decode() for linear in linears)
 
     def forward(
         self,

@@ -70,10 +70,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 "guard refused a message",
                 extra={"session_id": session_id, "pattern": matched, "chars": len(text)},
             )
-            known = self.sessions.get(session_id)
-            if discard and known is not None:
-                async with known.busy:
-                    known.discard_speculative(discard)
+            if discard:
+                await self._discard(session_id, discard)
             for response in self._refusal(received):
                 yield response
             return
@@ -244,15 +242,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.DiscardSpeculationResponse:
         session_id = check_id(request.session_id, "session_id")
         speculation_id = check_id(request.speculation_id, "speculation_id")
+        discarded = await self._discard(session_id, speculation_id)
+        return chat_pb2.DiscardSpeculationResponse(discarded=discarded)
+
+    async def _discard(self, session_id: str, speculation_id: str) -> bool:
+        """Takes a guess's exchange back outside a Chat call; an unknown session has none."""
         session = self.sessions.get(session_id)
         if session is None:
-            return chat_pb2.DiscardSpeculationResponse(discarded=False)
+            return False
         # After the guess's own call has stored its exchange (it holds the lock till then).
         async with session.busy:
             discarded = session.discard_speculative(speculation_id)
         if discarded:
             log.info("speculative exchange taken back", extra={"session_id": session_id})
-        return chat_pb2.DiscardSpeculationResponse(discarded=discarded)
+        return discarded
 
     async def GetSession(
         self, request: chat_pb2.GetSessionRequest, context: aio.ServicerContext
