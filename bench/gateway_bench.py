@@ -258,18 +258,24 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
     chunks = [spoken[offset : offset + 640] for offset in range(0, len(spoken), 640)]
     speech_chunks = -(-len(question) // 640)
 
-    def paced(first, wrap, done: threading.Event, speech_end: list[float]):  # type: ignore[no-untyped-def]
-        yield first
-        clock = time.monotonic()
-        for index, chunk in enumerate(chunks):
-            clock += 0.02
-            time.sleep(max(0.0, clock - time.monotonic()))
-            yield wrap(chunk)
-            if index + 1 == speech_chunks:
-                speech_end.append(time.monotonic())
-        done.wait(60)
+    def to_final(open_call, first, wrap, is_final) -> float:  # type: ignore[no-untyped-def]
+        """ms from the end of speech to the final transcript, on a stream opened by
+        `open_call` with `first`, then every chunk wrapped by `wrap`, in real time."""
+        done = threading.Event()
+        speech_end: list[float] = []
 
-    def until_final(call, is_final, done: threading.Event, speech_end: list[float]) -> float:  # type: ignore[no-untyped-def]
+        def requests():  # type: ignore[no-untyped-def]
+            yield first
+            clock = time.monotonic()
+            for index, chunk in enumerate(chunks):
+                clock += 0.02
+                time.sleep(max(0.0, clock - time.monotonic()))
+                yield wrap(chunk)
+                if index + 1 == speech_chunks:
+                    speech_end.append(time.monotonic())
+            done.wait(60)
+
+        call = open_call(requests())
         try:
             for response in call:
                 if is_final(response):
@@ -280,41 +286,28 @@ def hop_overhead(system: Supervisor, avatar_id: str) -> None:
         raise AssertionError("no final transcript")
 
     def via_asr(n: int) -> float:
-        done, speech_end = threading.Event(), []
         config = talker_pb2.ConverseConfig(
             mode=talker_pb2.REPLY_MODE_TEXT, input_format=S16_16K, language="en", sampling=sampling
         )
-        requests = paced(
+        return to_final(
+            gateway.Converse,
             talker_pb2.ConverseRequest(config=config),
             lambda chunk: talker_pb2.ConverseRequest(audio=chunk),
-            done,
-            speech_end,
+            lambda r: r.event.WhichOneof("event") == "transcript" and r.event.transcript.is_final,
         )
 
-        def final(response) -> bool:  # type: ignore[no-untyped-def]
-            event = response.event
-            return event.WhichOneof("event") == "transcript" and event.transcript.is_final
-
-        return until_final(gateway.Converse(requests), final, done, speech_end)
-
     def direct_asr(n: int) -> float:
-        done, speech_end = threading.Event(), []
         config = asr_pb2.StreamingRecognitionConfig(
             format=S16_16K,
             config=asr_pb2.RecognitionConfig(language="en"),
             speculative_results=True,  # as the gateway asks
         )
-        requests = paced(
+        return to_final(
+            asr.StreamingRecognize,
             asr_pb2.StreamingRecognizeRequest(config=config),
             lambda chunk: asr_pb2.StreamingRecognizeRequest(audio=chunk),
-            done,
-            speech_end,
+            lambda r: r.WhichOneof("response") == "result" and r.result.is_final,
         )
-
-        def final(response) -> bool:  # type: ignore[no-untyped-def]
-            return response.WhichOneof("response") == "result" and response.result.is_final
-
-        return until_final(asr.StreamingRecognize(requests), final, done, speech_end)
 
     def via_chat(n: int) -> float:  # a fresh session each time, to the first token
         request = talker_pb2.AskRequest(

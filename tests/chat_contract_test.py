@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -70,13 +73,22 @@ def test_sentences_arrive_before_the_reply_ends(chat) -> None:
     )
 
 
-def test_thirty_turn_session_keeps_at_most_n_turns_under_the_budget(start_in_process) -> None:
-    settings = ChatSettings(
-        port=0, metrics_port=0, max_turns=5, token_budget=300, max_new_tokens=16
-    )
+@contextmanager
+def own_chat(
+    start_in_process: Any, **fields: Any
+) -> Iterator[tuple[ChatSettings, chat_pb2_grpc.ChatServiceStub]]:
+    """A chat server of its own, with these settings, and a stub to call it."""
+    settings = ChatSettings(port=0, metrics_port=0, **fields)
     server = start_in_process(build_program, settings)
     with grpc.insecure_channel(server.address) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        yield settings, chat_pb2_grpc.ChatServiceStub(channel)
+
+
+def test_thirty_turn_session_keeps_at_most_n_turns_under_the_budget(start_in_process) -> None:
+    with own_chat(start_in_process, max_turns=5, token_budget=300, max_new_tokens=16) as (
+        settings,
+        stub,
+    ):
         for turn in range(30):
             finished = ask(
                 stub,
@@ -111,10 +123,7 @@ def test_a_new_session_starts_from_the_shared_system_prompt(chat) -> None:
 def test_a_full_history_is_not_read_again_every_turn(start_in_process) -> None:
     """Past max_turns, the history window jumps rather than slides: most turns
     reuse the cached prompt and read only the new message."""
-    settings = ChatSettings(port=0, metrics_port=0, max_turns=4, max_new_tokens=12)
-    server = start_in_process(build_program, settings)
-    with grpc.insecure_channel(server.address) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
+    with own_chat(start_in_process, max_turns=4, max_new_tokens=12) as (settings, stub):
         read = []
         for turn in range(12):
             usage = ask(
