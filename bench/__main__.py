@@ -5,6 +5,7 @@ from bench import (
     asr_bench,
     chaos_bench,
     chat_bench,
+    chat_engines,
     chat_models,
     gateway_bench,
     jobs_bench,
@@ -20,8 +21,8 @@ BENCHES = {
     "jobs": jobs_bench.main,
     "chaos": chaos_bench.main,
 }
-# Run on request only: a model comparison, not a speed benchmark.
-EXTRA = {"chat_models": chat_models.main}
+# Run on request only: comparisons of models and engines (long), not the product's speed.
+EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)

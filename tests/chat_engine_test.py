@@ -92,7 +92,7 @@ def reply(
 ) -> tuple[str, GenerationRun]:
     prompt = model.prompt(
         [
-            {"role": "system", "content": ChatSettings().system_prompt},
+            {"role": "system", "content": ChatSettings().system_prompt_for(question)},
             {"role": "user", "content": question},
         ]
     )

@@ -7,12 +7,23 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.scripts import is_chinese
 from services.common.settings import ServiceSettings
 
+# One set of instructions per language, each written in it: a 0.5B model follows
+# "reply in the user's language" unreliably (an English question got a Chinese
+# reply when the English prompt named Chinese), but follows the language it is
+# instructed in. Chosen per message by its script (bench: python -m bench chat_models).
 DEFAULT_SYSTEM_PROMPT = (
-    "You are Talker, a friendly digital human. Answer in one to three short, clear "
-    "sentences, in the language the user writes in. You have no tools and cannot read "
-    "files, browse or run commands."
+    "You are Talker, a friendly digital human who talks with people out loud. Reply in "
+    "English, with a correct answer in one or two short sentences of plain spoken text: "
+    "no lists, markdown or emoji. You have no tools and cannot read files, browse or run "
+    "commands."
+)
+DEFAULT_SYSTEM_PROMPT_ZH = (
+    "你是Talker，一个友好的数字人，正在和用户面对面交谈。请用简体中文回答，"
+    "用一两句简短、正确、口语化的话，不要用列表、Markdown或表情符号。"
+    "你没有工具，不能读取文件、上网或运行命令。"
 )
 DEFAULT_REFUSAL = (
     "I'm sorry, but I can't help with that. I'm happy to answer questions or just chat."
@@ -101,8 +112,22 @@ class ChatSettings(ServiceSettings):
         "them. (An idle host gives chat its full speed whatever the value.)",
     )
     system_prompt: str = Field(
-        default=DEFAULT_SYSTEM_PROMPT, description="Persona and rules given to the model."
+        default=DEFAULT_SYSTEM_PROMPT,
+        description="Persona and rules given to the model, for messages not in Chinese.",
     )
+    system_prompt_zh: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT_ZH,
+        description="The same, written in Chinese, for messages mostly in Chinese "
+        "characters: the model answers in the language it is instructed in.",
+    )
+
+    @property
+    def system_prompts(self) -> list[str]:
+        return [self.system_prompt, self.system_prompt_zh]
+
+    def system_prompt_for(self, text: str) -> str:
+        return self.system_prompt_zh if is_chinese(text) else self.system_prompt
+
     max_turns: int = Field(
         default=5, ge=1, le=100, description="Exchanges (user + reply) a session keeps."
     )

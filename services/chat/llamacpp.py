@@ -59,9 +59,9 @@ class LlamaCppEngine:
         self.formatter: Any = None
         self.add_bos = False
         self.kept: KeptStates[bytes] = KeptStates(settings.kv_cache_sessions)
-        #: The ids every prompt starts with (system prompt and template) and their
-        #: keys and values, computed once.
-        self.opening: tuple[list[int], bytes] | None = None
+        #: What every prompt starts with (a system prompt, one per language, and the
+        #: template around it) as ids and their keys and values, computed once.
+        self.openings: list[tuple[list[int], bytes]] = []
         self.rng = np.random.default_rng()
         self._n_vocab = 0
         self._piece_buffer = ctypes.create_string_buffer(64)
@@ -104,7 +104,10 @@ class LlamaCppEngine:
             bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "",
         )
         self.add_bos = bool(vocab.add_bos_token())
-        self.opening = self._opening()
+        for system_prompt in self.settings.system_prompts:
+            opening = self._opening(system_prompt)
+            if opening is not None:
+                self.openings.append(opening)
         self._warm_up()
         log.info(
             "chat model loaded",
@@ -112,12 +115,12 @@ class LlamaCppEngine:
                 "model": self.model_id,
                 "backend": self.backend,
                 "seconds": round(time.perf_counter() - started, 2),
-                "opening_tokens": len(self.opening[0]) if self.opening else 0,
+                "opening_tokens": [len(ids) for ids, _ in self.openings],
             },
         )
 
-    def _opening(self) -> tuple[list[int], bytes] | None:
-        system = {"role": "system", "content": self.settings.system_prompt}
+    def _opening(self, system_prompt: str) -> tuple[list[int], bytes] | None:
+        system = {"role": "system", "content": system_prompt}
         one = self.prompt([system, {"role": "user", "content": "a"}]).ids
         other = self.prompt([system, {"role": "user", "content": "b"}]).ids
         shared = one[: common_prefix(one, other)]
@@ -224,13 +227,13 @@ class LlamaCppEngine:
 
     def _restore_best(self, session_key: str | None, ids: list[int]) -> int:
         """Puts in the cache whichever kept state shares the longest prefix with
-        `ids` (what it holds now, the session's last turn, the opening), and
+        `ids` (what it holds now, the session's last turn, the openings), and
         returns how many tokens of `ids` it covers (at least one is left to read,
         so the last position's logits are fresh)."""
         limit = len(ids) - 1
         best = min(common_prefix(self._held(), ids), limit)
         source: tuple[list[int], bytes] | None = None
-        candidates = [self.kept.peek(session_key) if session_key else None, self.opening]
+        candidates = [self.kept.peek(session_key) if session_key else None, *self.openings]
         for candidate in candidates:
             if candidate is None:
                 continue

@@ -193,7 +193,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         limit = budget
         while True:
             messages = [
-                {"role": "system", "content": self.settings.system_prompt},
+                {"role": "system", "content": self.settings.system_prompt_for(text)},
                 *({"role": m.role, "content": m.text} for m in history),
                 {"role": "user", "content": text},
             ]
