@@ -93,7 +93,7 @@ def test_cli_turns_a_spoken_question_and_a_portrait_into_an_answer_video(system,
     assert "capital of" in record["user_text"].lower() and record["reply_text"]
     assert record["timings_ms"]["first_audio_ms"] > 0 and record["avatar_id"]
     models = {stage: record["stages"][stage]["model"] for stage in record["stages"]}
-    assert "whisper" in models["asr"] and "SmolLM2" in models["chat"], models
+    assert "whisper" in models["asr"] and "qwen2.5" in models["chat"], models
     assert "piper" in models["synthesize"] and "animator" in models["animate"], models
     assert streams_of(videos[0])["video"][0] == "h264"
     assert not [p for p in day.iterdir() if ".partial" in p.name]
