@@ -51,13 +51,15 @@ class ShapeSpec:
 
 
 SHAPES: dict[int, ShapeSpec] = {
-    vz.REST: ShapeSpec(gap=None),
+    # Lips resting together (not pressed); a portrait that shows its teeth
+    # shows them again as soon as the mouth opens (its own teeth are kept).
+    vz.REST: ShapeSpec(gap=0.0),
     vz.CLOSED: ShapeSpec(gap=0.0, press=0.03),
-    vz.OPEN: ShapeSpec(gap=0.36, upper_share=0.15, width=-0.03, flat=0.45),
-    vz.WIDE: ShapeSpec(gap=0.13, upper_share=0.35, width=0.10, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.20, upper_share=0.3, width=-0.24, pucker=0.05, flat=0.0),
+    vz.OPEN: ShapeSpec(gap=0.40, upper_share=0.15, width=-0.03, flat=0.45),
+    vz.WIDE: ShapeSpec(gap=0.14, upper_share=0.35, width=0.12, flat=0.85),
+    vz.ROUND: ShapeSpec(gap=0.24, upper_share=0.3, width=-0.30, pucker=0.05, flat=0.0),
     vz.FV: ShapeSpec(gap=0.09, upper_share=0.8, tuck=0.05, flat=0.8),
-    vz.MID: ShapeSpec(gap=0.15, upper_share=0.25, width=0.0, flat=0.55),
+    vz.MID: ShapeSpec(gap=0.18, upper_share=0.25, width=0.0, flat=0.55),
 }
 OPENING_SHAPES = (vz.OPEN, vz.WIDE, vz.ROUND, vz.MID, vz.FV)
 
@@ -384,10 +386,10 @@ class PortraitAnimator:
         center = (index + 0.5) / self.fps
         level = vz.level_db(piece)
         if self._spans and center <= self._spans[-1].end_s + 0.5 / self.fps:
-            weights = vz.frame_weights_from_spans(self._spans, index + 1, self.fps)[index]
+            weights = vz.weights_at(self._spans, index, self.fps)
             # Keep the estimator's level tracking in step for frames past the timings.
             self._estimator.frame(piece)
-            amount = 0.3 + 0.7 * vz.loudness(level)
+            amount = vz.loudness(level)
             if any(s.stressed and int(s.start_s * self.fps) == index for s in self._spans):
                 self._stress_events.append(index)
         else:
@@ -440,7 +442,7 @@ class PortraitAnimator:
         x0, y0, x1, y1 = self.roi
         field = np.zeros_like(self.fields[0])
         for shape in range(vz.COUNT):
-            if weights[shape] > 1e-3 and shape != vz.REST:
+            if weights[shape] > 1e-3:
                 field += weights[shape] * self.fields[shape]
         closure = self._blink_closure()
         if closure > 0:

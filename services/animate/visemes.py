@@ -13,6 +13,7 @@ learned weights."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,16 +114,27 @@ def shape_of_phoneme(phoneme: str) -> int | None:
     return _IPA.get(phoneme[0])
 
 
+LENGTHENERS = set("ːˑ")
+SHORT_PAUSE_S = 0.1  # a word gap shorter than this keeps the mouth where it was
+
+
 def spans_from_phonemes(timings: list[tuple[str, float, float]]) -> list[Span]:
     """(phoneme, start s, duration s) from the synthesizer into shape spans.
-    Stress marks and length marks have no shape: their time goes to the next
-    sound, which they modify; a stress mark flags that sound as stressed."""
+    A length mark lengthens the sound before it; a stress mark has no shape,
+    its time goes to the next sound, which it marks as stressed; a short gap
+    between words lengthens the sound before it (lips do not rest between
+    the words of a phrase)."""
     spans: list[Span] = []
     carry_start: float | None = None
     stressed = False
     for phoneme, start, duration in timings:
+        short_gap = phoneme == " " and duration < SHORT_PAUSE_S
+        if (phoneme in LENGTHENERS or short_gap) and spans and carry_start is None:
+            last = spans[-1]
+            spans[-1] = Span(last.shape, last.start_s, start + duration - last.start_s, last.stressed)
+            continue
         shape = shape_of_phoneme(phoneme)
-        if shape is None:
+        if shape is None or short_gap:
             if phoneme == STRESS:
                 stressed = True
             if carry_start is None:
@@ -166,36 +178,47 @@ def pinyin_spans(syllables: list[tuple[str, float, float]]) -> list[Span]:
     return spans
 
 
-def frame_weights_from_spans(spans: list[Span], frames: int, fps: float) -> np.ndarray:
-    """(frames, COUNT) weights. Each frame looks at the sounds within about a
-    frame of its center (a raised-cosine window, so a shape fades in before
-    its sound and out after it); a frame whose center sits in a closure (m, b,
-    p) is closed outright, since lips that only nearly meet read as mumbling."""
-    weights = np.zeros((frames, COUNT), dtype=np.float32)
-    weights[:, REST] = 1e-3
+def weights_at(spans: list[Span], index: int, fps: float) -> np.ndarray:
+    """Shape weights of frame `index`. The frame looks at the sounds within
+    about a frame of its center (a raised-cosine window, so a shape fades in
+    before its sound and out after it); a frame whose center sits in a closure
+    (m, b, p), or that holds the middle of one shorter than a frame, is
+    closed outright, since lips that only nearly meet read as mumbling."""
+    weights = np.zeros(COUNT, dtype=np.float32)
     if not spans:
-        weights[:, REST] = 1.0
+        weights[REST] = 1.0
         return weights
-    starts = np.array([s.start_s for s in spans])
-    ends = np.array([s.end_s for s in spans])
-    shapes = np.array([s.shape for s in spans])
+    center = (index + 0.5) / fps
     reach = 1.1 / fps
-    samples = np.linspace(-reach, reach, 9)
-    kernel = 0.5 + 0.5 * np.cos(np.pi * samples / reach)
-    for index in range(frames):
-        center = (index + 0.5) / fps
-        times = center + samples
-        for t, k in zip(times, kernel, strict=True):
-            hit = np.searchsorted(starts, t, side="right") - 1
-            if hit >= 0 and t < ends[hit]:
-                weights[index, shapes[hit]] += k
-            else:
-                weights[index, REST] += k
-        hit = np.searchsorted(starts, center, side="right") - 1
-        if hit >= 0 and center < ends[hit] and shapes[hit] == CLOSED:
-            weights[index] = 0.0
-            weights[index, CLOSED] = 1.0
-    return weights / weights.sum(axis=1, keepdims=True)
+    first = max(0, bisect.bisect_right(spans, center - reach - 2.0, key=lambda s: s.start_s) - 1)
+    nearby = []
+    for span in spans[first:]:
+        if span.start_s > center + reach:
+            break
+        if span.end_s >= center - reach:
+            nearby.append(span)
+    closed = any(
+        span.shape == CLOSED
+        and (
+            span.start_s <= center < span.end_s
+            or index / fps <= (span.start_s + span.end_s) / 2 < (index + 1) / fps
+        )
+        for span in nearby
+    )
+    if closed:
+        weights[CLOSED] = 1.0
+        return weights
+    for offset in np.linspace(-reach, reach, 9):
+        k = 0.5 + 0.5 * np.cos(np.pi * offset / reach)
+        t = center + offset
+        shape = next((s.shape for s in nearby if s.start_s <= t < s.end_s), REST)
+        weights[shape] += k
+    return weights / weights.sum()
+
+
+def frame_weights_from_spans(spans: list[Span], frames: int, fps: float) -> np.ndarray:
+    """(frames, COUNT) weights, frame by frame as `weights_at`."""
+    return np.stack([weights_at(spans, index, fps) for index in range(frames)])
 
 
 def stressed_frames(spans: list[Span], frames: int, fps: float) -> np.ndarray:
