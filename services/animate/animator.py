@@ -54,12 +54,12 @@ SHAPES: dict[int, ShapeSpec] = {
     # Lips resting together (not pressed); a portrait that shows its teeth
     # shows them again as soon as the mouth opens (its own teeth are kept).
     vz.REST: ShapeSpec(gap=0.0),
-    vz.CLOSED: ShapeSpec(gap=0.0, press=0.03),
-    vz.OPEN: ShapeSpec(gap=0.40, upper_share=0.15, width=-0.03, flat=0.45),
-    vz.WIDE: ShapeSpec(gap=0.14, upper_share=0.35, width=0.12, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.24, upper_share=0.3, width=-0.30, pucker=0.05, flat=0.0),
-    vz.FV: ShapeSpec(gap=0.09, upper_share=0.8, tuck=0.05, flat=0.8),
-    vz.MID: ShapeSpec(gap=0.18, upper_share=0.25, width=0.0, flat=0.55),
+    vz.CLOSED: ShapeSpec(gap=0.0),
+    vz.OPEN: ShapeSpec(gap=0.34, upper_share=0.15, width=-0.03, flat=0.45),
+    vz.WIDE: ShapeSpec(gap=0.17, upper_share=0.35, width=0.14, flat=0.85),
+    vz.ROUND: ShapeSpec(gap=0.24, upper_share=0.3, width=-0.36, pucker=0.05, flat=0.0),
+    vz.FV: ShapeSpec(gap=0.10, upper_share=0.8, tuck=0.05, flat=0.8),
+    vz.MID: ShapeSpec(gap=0.20, upper_share=0.25, width=0.0, flat=0.55),
 }
 OPENING_SHAPES = (vz.OPEN, vz.WIDE, vz.ROUND, vz.MID, vz.FV)
 
@@ -254,7 +254,14 @@ class PortraitAnimator:
         sy = a[..., 1, 0] * gx + a[..., 1, 1] * gy + a[..., 1, 2]
         field = np.stack([np.where(covered, sx - gx, 0.0), np.where(covered, sy - gy, 0.0)])
         sigma = max(0.8, 0.02 * self.W)
-        return np.stack([cv2.GaussianBlur(f.astype(np.float32), (0, 0), sigma) for f in field])
+        blurred = np.stack([cv2.GaussianBlur(f.astype(np.float32), (0, 0), sigma) for f in field])
+        # Not on the lips: there the field jumps between the upper and the lower
+        # lip, and softening it would sample the mouth's inside along a closed seam.
+        local = self._to_mouth(np.stack([self.grid_x, self.grid_y], axis=-1).astype(np.float64))
+        lips = np.exp(
+            -((local[..., 0] / (0.6 * self.W)) ** 4 + (local[..., 1] / (0.3 * self.W)) ** 4)
+        )
+        return (lips * field + (1 - lips) * blurred).astype(np.float32)
 
     def _blink_field(self) -> np.ndarray:
         """Vertical field that draws the lids over each eye at closure 1."""
@@ -308,6 +315,13 @@ class PortraitAnimator:
         cv2.fillPoly(mask, [lm[48:60].round().astype(np.int32)], 1)
         cv2.fillPoly(mask, [lm[60:68].round().astype(np.int32)], 0)
         self.lip_rgb = np.median(img[mask > 0], axis=0) if mask.any() else np.array([150, 80, 80.0])
+        lower = np.zeros_like(mask)
+        cv2.fillPoly(
+            lower,
+            [lm[[54, 55, 56, 57, 58, 59, 48, 60, 67, 66, 65, 64]].round().astype(np.int32)],
+            1,
+        )
+        self.lower_lip_rgb = np.median(img[lower > 0], axis=0) if lower.any() else self.lip_rgb
         cheek = mask * 0
         for a, b in ((31, 3), (35, 13)):
             p = ((lm[a] + lm[b]) / 2).round().astype(int)
@@ -534,16 +548,29 @@ class PortraitAnimator:
         seam = (
             np.exp(-(((by - middle) / 1.1) ** 2))
             * near
-            * np.clip(bx - left + 1.5, 0, 1)
-            * np.clip(right - bx + 1.5, 0, 1)
+            * np.clip(bx - left + 0.5, 0, 1)
+            * np.clip(right - bx + 0.5, 0, 1)
         )
         seam_rgb = self.lip_rgb * 0.55
+        if self.own_teeth:
+            # dlib's lower inner-lip points on a toothy smile sit on the lower
+            # teeth; closed, that strip would show under the seam: lip over it.
+            cover_lip = (
+                np.clip(by - middle, 0, 1)
+                * np.clip(middle + 0.07 * self.W - by + 0.5, 0, 1)
+                * near
+                * np.clip(1.3 * (1 - u**2), 0, 1)
+            )
+            color = color * (1 - cover_lip[..., None]) + self.lower_lip_rgb * cover_lip[..., None]
+            alpha = np.maximum(alpha, cover_lip)
         color = color * (1 - seam[..., None]) + seam_rgb * seam[..., None]
         alpha = np.maximum(alpha, seam)
         bx0, by0, bx1, by1 = self.box
         region = frame[by0:by1, bx0:bx1].astype(np.float32)
         a = alpha[..., None]
-        frame[by0:by1, bx0:bx1] = np.clip(region * (1 - a) + color * a, 0, 255).astype(np.uint8)
+        frame[by0:by1, bx0:bx1] = np.clip(region * (1 - a) + color * a + 0.5, 0, 255).astype(
+            np.uint8
+        )
         return gap_center / self.W
 
     def _blink_closure(self) -> float:

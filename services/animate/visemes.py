@@ -115,6 +115,7 @@ def shape_of_phoneme(phoneme: str) -> int | None:
 
 
 LENGTHENERS = set("ːˑ")
+SHORT_CLOSURES = True
 SHORT_PAUSE_S = 0.1  # a word gap shorter than this keeps the mouth where it was
 
 
@@ -131,7 +132,9 @@ def spans_from_phonemes(timings: list[tuple[str, float, float]]) -> list[Span]:
         short_gap = phoneme == " " and duration < SHORT_PAUSE_S
         if (phoneme in LENGTHENERS or short_gap) and spans and carry_start is None:
             last = spans[-1]
-            spans[-1] = Span(last.shape, last.start_s, start + duration - last.start_s, last.stressed)
+            spans[-1] = Span(
+                last.shape, last.start_s, start + duration - last.start_s, last.stressed
+            )
             continue
         shape = shape_of_phoneme(phoneme)
         if shape is None or short_gap:
@@ -201,7 +204,10 @@ def weights_at(spans: list[Span], index: int, fps: float) -> np.ndarray:
         span.shape == CLOSED
         and (
             span.start_s <= center < span.end_s
-            or index / fps <= (span.start_s + span.end_s) / 2 < (index + 1) / fps
+            or (
+                SHORT_CLOSURES
+                and index / fps <= (span.start_s + span.end_s) / 2 < (index + 1) / fps
+            )
         )
         for span in nearby
     )
@@ -234,7 +240,9 @@ def stressed_frames(spans: list[Span], frames: int, fps: float) -> np.ndarray:
 
 # --- the audio-driven estimator -------------------------------------------------
 
-QUIET_DB = -45.0
+# Loudness maps to how far the open shapes open, linearly in dB over this
+# range: a wide range keeps the opening following the voice's own dynamics.
+QUIET_DB = -55.0
 LOUD_DB = -15.0
 
 
