@@ -396,18 +396,18 @@ class PortraitAnimator:
         self._spans.extend(spans)
         self._spans.sort(key=lambda s: s.start_s)
 
-    def _weights(self, index: int, piece: np.ndarray) -> tuple[np.ndarray, float]:
+    def _weights(self, index: int, piece: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, float]:
         center = (index + 0.5) / self.fps
         level = vz.level_db(piece)
         if self._spans and center <= self._spans[-1].end_s + 0.5 / self.fps:
             weights = vz.weights_at(self._spans, index, self.fps)
             # Keep the estimator's level tracking in step for frames past the timings.
-            self._estimator.frame(piece)
+            self._estimator.frame(piece, own)
             amount = vz.loudness(level)
             if any(s.stressed and int(s.start_s * self.fps) == index for s in self._spans):
                 self._stress_events.append(index)
         else:
-            weights, _ = self._estimator.frame(piece)
+            weights, _ = self._estimator.frame(piece, own)
             amount = vz.loudness(level)
             if (
                 weights[vz.OPEN] > 0.5
@@ -441,7 +441,9 @@ class PortraitAnimator:
                 break
             start = max(0, round((index - 0.5) * hop))
             piece = self._pending[start - self._pending_start : end - self._pending_start]
-            weights, _level = self._weights(index, piece)
+            own_from = int(round(index * hop)) - self._pending_start
+            own = self._pending[own_from : own_from + int(round(hop))]
+            weights, _level = self._weights(index, piece, own)
             frame, gap = self.render(weights)
             yield index, frame, gap
             self.frame_index += 1

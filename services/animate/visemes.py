@@ -307,7 +307,10 @@ class EstimatorState:
 
 
 def estimate_frame(
-    piece: np.ndarray, state: EstimatorState, rate: int = SAMPLE_RATE_HZ
+    piece: np.ndarray,
+    state: EstimatorState,
+    rate: int = SAMPLE_RATE_HZ,
+    own: np.ndarray | None = None,
 ) -> np.ndarray:
     """Shape weights for one frame of audio (about one frame long, centered on
     it). uLipSync-style: loudness says how far the mouth opens; a quiet gap
@@ -330,12 +333,22 @@ def estimate_frame(
     low = spectrum[(freqs > 60) & (freqs < 500)].sum() / total
     high = spectrum[freqs > 3000].sum() / total
     mid = spectrum[(freqs >= 500) & (freqs < 3000)].sum() / total
-    if relative < -20:
+    # The quietest 20 ms of the frame's own 40 ms: a stop's closure is a
+    # silence of 30-80 ms, which a window twice the frame would average away.
+    own = piece if own is None or len(own) < rate // 50 else own
+    step, width = rate // 100, rate // 50
+    dip = min(
+        (level_db(own[at : at + width]) for at in range(0, max(1, len(own) - width + 1), step)),
+        default=level,
+    )
+    if relative < -15 or dip - state.peak_db < -24:
         # A quiet moment inside speech: a stop's closure or a nasal.
         weights[CLOSED] = 1.0
         return weights
-    if low > 0.85 and mid < 0.12 and relative < -6:
-        weights[CLOSED] = 1.0  # a hum through the nose with the lips shut (m)
+    if low > 0.9 and mid < 0.1 and relative < -5:
+        # A hum with all its energy below 500 Hz: a nasal or a stop's voice
+        # bar, both with the lips shut (m, b).
+        weights[CLOSED] = 1.0
         return weights
     if high > 0.55:
         if relative < -12:
@@ -368,8 +381,10 @@ class Estimator:
         self.smoothed = np.zeros(COUNT, dtype=np.float32)
         self.smoothed[REST] = 1.0
 
-    def frame(self, piece: np.ndarray) -> tuple[np.ndarray, float]:
-        raw = estimate_frame(piece, self.state)
+    def frame(self, piece: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """Weights for a frame from `piece` (twice the frame, centered on it)
+        and `own` (the frame's own stretch of audio)."""
+        raw = estimate_frame(piece, self.state, own=own)
         # Co-articulation without look-ahead: glide toward the new shape, but
         # close at once (a closure is short; smoothed away, it never shows).
         if raw[CLOSED] >= 0.99:

@@ -118,12 +118,18 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             sentences: asyncio.Queue[object] = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
-            def piper_audio() -> Iterator[tuple[np.ndarray, bool]]:
+            def piper_audio() -> Iterator[tuple[np.ndarray, bool, list[tuple[str, float, float]]]]:
                 for piece in split_first_clause(text):
-                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
+                    timings: list[list[tuple[str, float, float]]] = []
+                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop, timings):
+                        sounds = timings[-1] if timings else []
                         if profile is not None:
+                            length = len(audio)
                             audio = self.engine.match(audio, voice, profile)
-                        yield audio, True  # Piper gives a sentence at a time
+                            # Matching may stretch the audio: the timings stretch with it.
+                            stretch = len(audio) / max(1, length)
+                            sounds = [(p, s * stretch, d * stretch) for p, s, d in sounds]
+                        yield audio, True, sounds  # Piper gives a sentence at a time
                     if stop.is_set():
                         return
 
@@ -142,6 +148,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
             resampler = StreamResampler(source_rate_hz, rate_hz)
             sent = 0
+            source_samples = 0  # at the voice's own rate: the timings' clock
+            pending_sounds: list[audio_pb2.PhonemeTiming] = []
             sentence_count = 0  # sentences whose audio has all been handed over
             first_chunk_ms = 0
             header = (
@@ -154,7 +162,17 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                     samples: np.ndarray = np.zeros(0, np.float32)
                     ends_sentence = False
                     if not last:
-                        samples, ends_sentence = item  # type: ignore[misc]
+                        samples, ends_sentence, *sounds = item  # type: ignore[misc]
+                        start_s = source_samples / source_rate_hz
+                        pending_sounds += [
+                            audio_pb2.PhonemeTiming(
+                                phoneme=p,
+                                start_ms=round((start_s + s) * 1000),
+                                duration_ms=round(d * 1000),
+                            )
+                            for p, s, d in (sounds[0] if sounds else [])
+                        ]
+                        source_samples += len(samples)
                     audio = resampler.process(samples, last=last)
                     # The resampler's tail, flushed at the end, is the last sentence's.
                     sentence_index = max(sentence_count - 1, 0) if last else sentence_count
@@ -170,8 +188,10 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                                 offset_ms=sent * 1000 // rate_hz,
                                 duration_ms=len(piece) * 1000 // rate_hz,
                                 sentence_index=sentence_index,
+                                phonemes=pending_sounds,
                             )
                         )
+                        pending_sounds = []
                         header = b""
                         sent += len(piece)
                     if last:
