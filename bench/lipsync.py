@@ -31,7 +31,7 @@ from tests.speech import espeak_speech, silence
 
 FPS = 25
 HOP = 16_000 // FPS
-TTS_TEXT = "Maybe we should move the blue boat over to the beach, people need room to swim."
+TTS_TEXT = "Papa parked the blue boat by the beach, and we need room to swim."
 RECORDED_TEXT = "Please bring me a map of the moon, but keep the paper dry."
 OUT = Path("var/bench")
 BILABIAL = set("mbp")
@@ -131,8 +131,8 @@ def flatness(frames: list[np.ndarray], landmarks: np.ndarray, gaps: np.ndarray) 
         (x0, y0), (x1, y1) = inner.min(axis=0), inner.max(axis=0)
         dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
         crop = frame[
-            int(round(y0 + dy)) : int(round(y1 - dy)) + 1,
-            int(round(x0 + dx)) : int(round(x1 - dx)) + 1,
+            round(y0 + dy) : round(y1 - dy) + 1,
+            round(x0 + dx) : round(x1 - dx) + 1,
         ]
         if crop.size < 3 * 4:
             continue
@@ -236,7 +236,7 @@ def lipsync_report() -> None:
             flat = flatness(frames, landmarks, gaps)
             r_tts, lag_tts = best_lag_r(gaps, loudness_db(tts, count))
             rec_frames, rec_fps = render(make(), recorded)
-            rec_landmarks, rec_gaps, _ = measure(rec_frames, analyzer, report.face_box)
+            _rec_landmarks, rec_gaps, _ = measure(rec_frames, analyzer, report.face_box)
             r_rec, lag_rec = best_lag_r(rec_gaps, loudness_db(recorded, len(rec_frames)))
             rows.append(
                 [

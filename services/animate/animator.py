@@ -54,12 +54,13 @@ SHAPES: dict[int, ShapeSpec] = {
     # Lips resting together (not pressed); a portrait that shows its teeth
     # shows them again as soon as the mouth opens (its own teeth are kept).
     vz.REST: ShapeSpec(gap=0.0),
-    vz.CLOSED: ShapeSpec(gap=0.0),
-    vz.OPEN: ShapeSpec(gap=0.34, upper_share=0.15, width=-0.03, flat=0.45),
-    vz.WIDE: ShapeSpec(gap=0.17, upper_share=0.35, width=0.14, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.24, upper_share=0.3, width=-0.36, pucker=0.05, flat=0.0),
+    # Pressed: the inner lips overlap a little, so no sliver of the inside shows.
+    vz.CLOSED: ShapeSpec(gap=-0.03),
+    vz.OPEN: ShapeSpec(gap=0.46, upper_share=0.15, width=-0.03, flat=0.45),
+    vz.WIDE: ShapeSpec(gap=0.18, upper_share=0.35, width=0.14, flat=0.85),
+    vz.ROUND: ShapeSpec(gap=0.28, upper_share=0.3, width=-0.36, pucker=0.05, flat=0.0),
     vz.FV: ShapeSpec(gap=0.10, upper_share=0.8, tuck=0.05, flat=0.8),
-    vz.MID: ShapeSpec(gap=0.20, upper_share=0.25, width=0.0, flat=0.55),
+    vz.MID: ShapeSpec(gap=0.22, upper_share=0.25, width=0.0, flat=0.55),
 }
 OPENING_SHAPES = (vz.OPEN, vz.WIDE, vz.ROUND, vz.MID, vz.FV)
 
@@ -238,6 +239,8 @@ class PortraitAnimator:
         affines = np.zeros((len(triangles), 2, 3), dtype=np.float64)
         offset = np.array([x0, y0])
         for number, tri in enumerate(triangles):
+            if np.all((tri >= 60) & (tri < 68)):
+                continue  # the mouth's inside: painted, never warped (lips may overlap there)
             dst = target[tri]
             area = np.cross(dst[1] - dst[0], dst[2] - dst[0])
             if abs(area) < 1e-6:
@@ -441,8 +444,8 @@ class PortraitAnimator:
                 break
             start = max(0, round((index - 0.5) * hop))
             piece = self._pending[start - self._pending_start : end - self._pending_start]
-            own_from = int(round(index * hop)) - self._pending_start
-            own = self._pending[own_from : own_from + int(round(hop))]
+            own_from = round(index * hop) - self._pending_start
+            own = self._pending[own_from : own_from + round(hop)]
             weights, _level = self._weights(index, piece, own)
             frame, gap = self.render(weights)
             yield index, frame, gap
@@ -553,7 +556,7 @@ class PortraitAnimator:
             * np.clip(bx - left + 0.5, 0, 1)
             * np.clip(right - bx + 0.5, 0, 1)
         )
-        seam_rgb = self.lip_rgb * 0.55
+        seam_rgb = self.lip_rgb * 0.8
         if self.own_teeth:
             # dlib's lower inner-lip points on a toothy smile sit on the lower
             # teeth; closed, that strip would show under the seam: lip over it.
