@@ -64,7 +64,7 @@ def portraits() -> dict[str, np.ndarray]:
     darker = np.clip(255 * linear ** (1 / 2.2) * 1.1, 0, 255).astype(np.uint8)
     return {
         "astronaut (smiles, teeth)": data.astronaut(),
-        "hopper (closed, turned 2°)": hopper,
+        "hopper (closed, turned 2 deg)": hopper,
         "hopper toned darker": darker,
     }
 

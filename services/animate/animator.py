@@ -58,7 +58,7 @@ SHAPES: dict[int, ShapeSpec] = {
     vz.CLOSED: ShapeSpec(gap=-0.03),
     vz.OPEN: ShapeSpec(gap=0.46, upper_share=0.15, width=-0.03, flat=0.45),
     vz.WIDE: ShapeSpec(gap=0.18, upper_share=0.35, width=0.14, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.28, upper_share=0.3, width=-0.36, pucker=0.05, flat=0.0),
+    vz.ROUND: ShapeSpec(gap=0.22, upper_share=0.35, width=-0.40, pucker=0.04, flat=0.0),
     vz.FV: ShapeSpec(gap=0.10, upper_share=0.8, tuck=0.05, flat=0.8),
     vz.MID: ShapeSpec(gap=0.22, upper_share=0.25, width=0.0, flat=0.55),
 }
@@ -215,7 +215,7 @@ class PortraitAnimator:
         for corner, jaw, nose in ((48, 4, 31), (54, 12, 35)):
             add((lm[corner] + lm[jaw]) / 2, lambda m, c=corner, j=jaw: 0.35 * m[c] + 0.25 * m[j])
             add((lm[corner] + lm[nose]) / 2, lambda m, c=corner: 0.25 * m[c])
-            add(lm[corner] + (lm[corner] - self.center) * 0.6, lambda m, c=corner: 0.3 * m[c])
+            add(lm[corner] + (lm[corner] - self.center) * 0.6, lambda m, c=corner: 0.45 * m[c])
         # Under the chin: the neck stays.
         for point in (5, 8, 11):
             add(lm[point] + self.ey * 0.7 * W, still)
@@ -375,7 +375,9 @@ class PortraitAnimator:
         u = np.linspace(-1, 1, self.teeth_columns)[None, :]
         v = (np.arange(rows)[:, None] + 0.5) / self.teeth_h
         light = float(np.clip(self.skin_rgb.mean() / 150.0, 0.45, 1.0))
-        base = (0.85 * np.array([240.0, 230.0, 208.0]) + 0.15 * self.skin_rgb) * light
+        # Teeth take the light's colour: half a warm white, half the skin's hue at that brightness.
+        hue = self.skin_rgb / max(float(self.skin_rgb.max()), 1.0) * 235.0
+        base = (0.5 * np.array([235.0, 228.0, 210.0]) + 0.5 * hue) * light
         edges = np.array([0.0, 0.24, 0.44, 0.6, 0.74, 0.86])
         distance = np.min(np.abs(np.abs(u[..., None]) - edges), axis=-1)
         gap = 1 - 0.35 * np.exp(-((distance * self.W / 2 / 0.7) ** 2))
@@ -495,9 +497,8 @@ class PortraitAnimator:
             * np.clip(bottom - by + 0.5, 0, 1)
             * np.clip(bx - left + 0.5, 0, 1)
             * np.clip(right - bx + 0.5, 0, 1)
+            * np.clip(bottom - top, 0, 1)  # lips that meet show no inside, not even a sliver
         )
-        if not alpha.any():
-            return gap_center / self.W
         height = np.maximum(bottom - top, 1e-3)
         v = by - top
         u = np.clip((bx - (left + right) / 2) / max((right - left) / 2, 1.0), -1, 1)
