@@ -22,6 +22,7 @@ eyes blink at irregular intervals. Plain numpy + OpenCV, a few ms a frame."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,6 +95,11 @@ class PortraitAnimator:
     ) -> None:
         self.portrait = portrait
         self.landmarks = np.asarray(landmarks, dtype=np.float64)
+        self._rig()
+        self._start(fps, seed)
+
+    def _start(self, fps: float, seed: int) -> None:
+        """The state of one stream (the rig is shared between streams)."""
         self.fps = fps
         self._rng = np.random.default_rng(seed)
         self._next_blink = self._blink_gap()
@@ -105,7 +111,13 @@ class PortraitAnimator:
         self._estimator = Estimator(fps)
         self._spans: list[Span] = []
         self._stress_events: list[int] = []
-        self._rig()
+
+    def fresh(self, fps: float, seed: int = 7) -> PortraitAnimator:
+        """A new stream on the same avatar: shares this one's rig (the per-avatar
+        fields and textures, read only), so it starts in microseconds."""
+        other = copy.copy(self)
+        other._start(fps, seed)
+        return other
 
     # --- per avatar -------------------------------------------------------------
 

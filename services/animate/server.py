@@ -70,9 +70,13 @@ class AnimateEngine:
             self.wav2lip = load_wav2lip(Path(self.settings.wav2lip_checkpoint).expanduser())
 
 
+RIGS_KEPT = 16  # avatars whose animator rig stays in memory (~2-6 MB each)
+
+
 class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
     def __init__(self, engine: AnimateEngine) -> None:
         self.engine = engine
+        self._rigs: dict[tuple[str, tuple[int, ...]], PortraitAnimator] = {}
 
     async def CreateAvatar(
         self, request: animate_pb2.CreateAvatarRequest, context: aio.ServicerContext
@@ -110,7 +114,13 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
             from services.animate.wav2lip import Wav2LipAnimator
 
             return Wav2LipAnimator(self.engine.wav2lip, portrait, tuple(record.face_box), fps)  # type: ignore[arg-type]
-        return PortraitAnimator(portrait, record.landmarks, fps)
+        # The rig (mesh fields per shape, teeth) is built once per avatar and kept.
+        key = (record.avatar_id, portrait.shape)
+        rig = self._rigs.pop(key, None) or PortraitAnimator(portrait, record.landmarks, fps)
+        self._rigs[key] = rig  # most recently used last
+        while len(self._rigs) > RIGS_KEPT:
+            self._rigs.pop(next(iter(self._rigs)))
+        return rig.fresh(fps)
 
     async def Animate(
         self,
@@ -248,6 +258,8 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         self, request: animate_pb2.DeleteAvatarRequest, context: aio.ServicerContext
     ) -> animate_pb2.DeleteAvatarResponse:
         await asyncio.to_thread(self.engine.store.delete, request.avatar_id)
+        for key in [k for k in self._rigs if k[0] == request.avatar_id]:
+            self._rigs.pop(key, None)
         return animate_pb2.DeleteAvatarResponse()
 
 
