@@ -23,7 +23,7 @@ eyes blink at irregular intervals. Plain numpy + OpenCV, a few ms a frame."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -207,15 +207,15 @@ class PortraitAnimator:
         target[list(JAW_SHARE) + lips] = moved[list(JAW_SHARE) + lips]
         return target
 
-    def _anchors(self) -> tuple[np.ndarray, list]:  # type: ignore[type-arg]
+    def _anchors(self) -> tuple[np.ndarray, list[Callable[[np.ndarray], np.ndarray]]]:
         """Extra mesh points with rules for how they move given the landmark moves."""
         lm = self.landmarks
         W = self.W
         x0, y0, x1, y1 = self.roi
         anchors: list[np.ndarray] = []
-        rules: list = []  # type: ignore[type-arg]
+        rules: list[Callable[[np.ndarray], np.ndarray]] = []
 
-        def add(point: np.ndarray, rule) -> None:  # type: ignore[no-untyped-def]
+        def add(point: object, rule: Callable[[np.ndarray], np.ndarray]) -> None:
             anchors.append(np.asarray(point, dtype=np.float64))
             rules.append(rule)
 
@@ -224,10 +224,18 @@ class PortraitAnimator:
 
         # Cheeks: between the mouth corner and the jaw, beside the nose, and out
         # from the corner; they follow the corner (and the jaw) a little.
+        def follow(
+            corner: int, share: float, jaw: int = 8, jaw_share: float = 0.0
+        ) -> Callable[[np.ndarray], np.ndarray]:
+            def rule(moved: np.ndarray) -> np.ndarray:
+                return np.asarray(share * moved[corner] + jaw_share * moved[jaw])
+
+            return rule
+
         for corner, jaw, nose in ((48, 4, 31), (54, 12, 35)):
-            add((lm[corner] + lm[jaw]) / 2, lambda m, c=corner, j=jaw: 0.35 * m[c] + 0.25 * m[j])
-            add((lm[corner] + lm[nose]) / 2, lambda m, c=corner: 0.25 * m[c])
-            add(lm[corner] + (lm[corner] - self.center) * 0.6, lambda m, c=corner: 0.45 * m[c])
+            add((lm[corner] + lm[jaw]) / 2, follow(corner, 0.35, jaw, 0.25))
+            add((lm[corner] + lm[nose]) / 2, follow(corner, 0.25))
+            add(lm[corner] + (lm[corner] - self.center) * 0.6, follow(corner, 0.45))
         # Under the chin: the neck stays.
         for point in (5, 8, 11):
             add(lm[point] + self.ey * 0.7 * W, still)

@@ -390,5 +390,5 @@ class Estimator:
         if raw[CLOSED] >= 0.99:
             self.smoothed = raw.copy()
         else:
-            self.smoothed = 0.35 * self.smoothed + 0.65 * raw
+            self.smoothed = (0.35 * self.smoothed + 0.65 * raw).astype(np.float32)
         return self.smoothed / self.smoothed.sum(), level_db(piece)

@@ -18,7 +18,9 @@ def aligned_model(model_path: Path, cache_dir: Path) -> Path | None:
     made on first use under `cache_dir/piper-aligned/`; None when it cannot
     be made (no `onnx` package, or a model without the duration tensor)."""
     stat = model_path.stat()
-    key = hashlib.sha256(f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
     folder = cache_dir / "piper-aligned"
     target = folder / f"{model_path.stem}.{key}.onnx"
     config = model_path.with_name(model_path.name + ".json")

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from grpc import aio
@@ -162,7 +162,10 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                     samples: np.ndarray = np.zeros(0, np.float32)
                     ends_sentence = False
                     if not last:
-                        samples, ends_sentence, *sounds = item  # type: ignore[misc]
+                        parts = cast(tuple[Any, ...], item)
+                        samples, ends_sentence = parts[0], parts[1]
+                        # Piper's items carry the sentence's phoneme timings; cloned voices' do not.
+                        sounds: list[tuple[str, float, float]] = parts[2] if len(parts) > 2 else []
                         start_s = source_samples / source_rate_hz
                         pending_sounds += [
                             audio_pb2.PhonemeTiming(
@@ -170,7 +173,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                                 start_ms=round((start_s + s) * 1000),
                                 duration_ms=round(d * 1000),
                             )
-                            for p, s, d in (sounds[0] if sounds else [])
+                            for p, s, d in sounds
                         ]
                         source_samples += len(samples)
                     audio = resampler.process(samples, last=last)
