@@ -142,12 +142,8 @@ def flatness(frames: list[np.ndarray], landmarks: np.ndarray, gaps: np.ndarray) 
 
 
 def loudness_db(audio: np.ndarray, frames: int) -> np.ndarray:
-    return np.array(
-        [
-            vz.level_db(audio[max(0, int((k + 0.5) * HOP) - HOP) : int((k + 0.5) * HOP) + HOP])
-            for k in range(frames)
-        ]
-    )
+    """The level of the audio each frame shows: frame k shows k/fps to (k + 1)/fps."""
+    return np.array([vz.level_db(audio[k * HOP : (k + 1) * HOP]) for k in range(frames)])
 
 
 def best_lag_r(mouth: np.ndarray, level: np.ndarray) -> tuple[float, int]:

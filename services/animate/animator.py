@@ -58,10 +58,10 @@ SHAPES: dict[int, ShapeSpec] = {
     # Pressed: the inner lips overlap a little, so no sliver of the inside shows.
     vz.CLOSED: ShapeSpec(gap=-0.03),
     vz.OPEN: ShapeSpec(gap=0.46, upper_share=0.15, width=-0.03, flat=0.45),
-    vz.WIDE: ShapeSpec(gap=0.18, upper_share=0.35, width=0.14, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.22, upper_share=0.35, width=-0.40, pucker=0.04, flat=0.0),
+    vz.WIDE: ShapeSpec(gap=0.21, upper_share=0.35, width=0.18, flat=0.85),
+    vz.ROUND: ShapeSpec(gap=0.25, upper_share=0.35, width=-0.40, pucker=0.04, flat=0.0),
     vz.FV: ShapeSpec(gap=0.10, upper_share=0.8, tuck=0.05, flat=0.8),
-    vz.MID: ShapeSpec(gap=0.22, upper_share=0.25, width=0.0, flat=0.55),
+    vz.MID: ShapeSpec(gap=0.27, upper_share=0.25, width=0.0, flat=0.55),
 }
 OPENING_SHAPES = (vz.OPEN, vz.WIDE, vz.ROUND, vz.MID, vz.FV)
 
@@ -423,7 +423,8 @@ class PortraitAnimator:
 
     def _weights(self, index: int, piece: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, float]:
         center = (index + 0.5) / self.fps
-        level = vz.level_db(piece)
+        # How far the mouth opens follows the level of the audio this frame shows.
+        level = vz.level_db(own if len(own) else piece)
         if self._spans and center <= self._spans[-1].end_s + 0.5 / self.fps:
             weights = vz.weights_at(self._spans, index, self.fps)
             # Keep the estimator's level tracking in step for frames past the timings.
