@@ -289,3 +289,48 @@ def test_english_phonemes_map_with_stress_and_length() -> None:
         and round_.start_s == pytest.approx(0.1)
         and round_.end_s == pytest.approx(0.25)
     )
+
+
+def test_live_animate_takes_timings_with_the_audio_or_ahead_of_it(animate, spoken) -> None:
+    stub, avatar_id = animate
+    audio, timings = spoken
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    config = animate_pb2.AnimateConfig(
+        avatar_id=avatar_id,
+        format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=16_000
+        ),
+        frame_encoding=animate_pb2.FRAME_ENCODING_RGB24,
+    )
+    sounds = [
+        audio_pb2.PhonemeTiming(phoneme=p, start_ms=round(s * 1000), duration_ms=round(d * 1000))
+        for p, s, d in timings
+    ]
+
+    def frames(with_timings: bool) -> list[bytes]:
+        def requests():  # type: ignore[no-untyped-def]
+            yield animate_pb2.AnimateRequest(config=config)
+            if with_timings:  # the first half ahead of the audio, alone; the rest with a chunk
+                yield animate_pb2.AnimateRequest(phonemes=sounds[: len(sounds) // 2])
+            for number, start in enumerate(range(0, len(pcm), 3200)):
+                extra = sounds[len(sounds) // 2 :] if with_timings and number == 0 else []
+                yield animate_pb2.AnimateRequest(audio=pcm[start : start + 3200], phonemes=extra)
+
+        return [r.frame.image for r in stub.Animate(requests(), timeout=120)]
+
+    timed, untimed = frames(True), frames(False)
+    assert len(timed) == len(untimed) and abs(len(timed) - len(audio) / HOP) <= 1
+    assert timed != untimed, "timings change the lips"
+    assert timed == frames(True), "the same input gives the same frames"
+
+    def bad():  # type: ignore[no-untyped-def]
+        yield animate_pb2.AnimateRequest(config=config)
+        yield animate_pb2.AnimateRequest(
+            audio=pcm[:3200],
+            phonemes=[audio_pb2.PhonemeTiming(phoneme="ma3", notation="wade-giles")],
+        )
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Animate(bad(), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "notation" in caught.value.details()
