@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from bench.lipsync import lipsync_report
 from bench.tables import percentile, print_table
 from services.animate.animator import PortraitAnimator
 from services.animate.config import AnimateSettings
@@ -26,7 +27,6 @@ from services.animate.server import build_program
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2
 from tests.processes import InProcessServer
 from tests.speech import SENTENCES, piper_speech, silence, to_s16le, to_wav
-from bench.lipsync import lipsync_report
 
 
 def speech_clip(seconds: float) -> np.ndarray:
