@@ -36,6 +36,7 @@ from services.animate.visemes import SAMPLE_RATE_HZ, Estimator, Span
 __all__ = ["SAMPLE_RATE_HZ", "SHAPES", "PortraitAnimator", "ShapeSpec"]
 
 BLINK_PROFILE = (0.5, 1.0, 0.8, 0.3)  # eyelid closure over four frames
+IDLE_AFTER_S = 0.8  # silence after which the mouth eases back to the portrait's own
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class PortraitAnimator:
         self._estimator = Estimator(fps)
         self._spans: list[Span] = []
         self._stress_events: list[int] = []
+        self._quiet_frames = 0
 
     def fresh(self, fps: float, seed: int = 7) -> PortraitAnimator:
         """A new stream on the same avatar: shares this one's rig (the per-avatar
@@ -469,8 +471,13 @@ class PortraitAnimator:
             piece = self._pending[start - self._pending_start : end - self._pending_start]
             own_from = round(index * hop) - self._pending_start
             own = self._pending[own_from : own_from + round(hop)]
-            weights, _level = self._weights(index, piece, own)
-            frame, gap = self.render(weights)
+            weights, level = self._weights(index, piece, own)
+            # Listening: after IDLE_AFTER_S of silence the mouth eases back to the
+            # portrait's own (a smile with teeth keeps them); speech takes it back at once.
+            quiet = level < vz.QUIET_DB and weights[vz.REST] > 0.99
+            self._quiet_frames = self._quiet_frames + 1 if quiet else 0
+            idle = float(np.clip((self._quiet_frames / self.fps - IDLE_AFTER_S) / 0.4, 0.0, 1.0))
+            frame, gap = self.render(weights, idle)
             yield index, frame, gap
             self.frame_index += 1
             keep = max(0, round((self.frame_index - 0.5) * hop))
@@ -478,14 +485,18 @@ class PortraitAnimator:
                 self._pending = self._pending[keep - self._pending_start :]
                 self._pending_start = keep
 
-    def render(self, weights: np.ndarray) -> tuple[np.ndarray, float]:
-        """The frame for shape weights (sum 1); returns (RGB frame, lip gap / mouth width)."""
+    def render(self, weights: np.ndarray, idle: float = 0.0) -> tuple[np.ndarray, float]:
+        """The frame for shape weights (sum 1) and `idle`, how far the mouth has
+        gone back to the portrait's own (0..1, after a while of silence);
+        returns (RGB frame, lip gap / mouth width)."""
         frame = self.portrait.copy()
         x0, y0, x1, y1 = self.roi
         field = np.zeros_like(self.fields[0])
         for shape in range(vz.COUNT):
             if weights[shape] > 1e-3:
                 field += weights[shape] * self.fields[shape]
+        if idle > 0:
+            field *= 1 - idle  # the portrait's own mouth is no warp at all
         closure = self._blink_closure()
         if closure > 0:
             field += closure * self.blink_field
@@ -500,10 +511,13 @@ class PortraitAnimator:
             borderMode=cv2.BORDER_REPLICATE,
         )
         inner = sum(weights[s] * self.shape_landmarks[s][60:68] for s in range(vz.COUNT))
-        gap = self._paint_mouth(frame, np.asarray(inner), weights)
+        inner = (1 - idle) * np.asarray(inner) + idle * self.landmarks[60:68]
+        gap = self._paint_mouth(frame, np.asarray(inner), weights, idle)
         return self._head_motion(frame), gap
 
-    def _paint_mouth(self, frame: np.ndarray, inner: np.ndarray, weights: np.ndarray) -> float:
+    def _paint_mouth(
+        self, frame: np.ndarray, inner: np.ndarray, weights: np.ndarray, idle: float = 0.0
+    ) -> float:
         local = self._to_mouth(inner)
         upper = local[[0, 1, 2, 3, 4]]
         lower = local[[4, 5, 6, 7, 0]]
@@ -594,7 +608,7 @@ class PortraitAnimator:
         alpha = np.maximum(alpha, seam)
         bx0, by0, bx1, by1 = self.box
         region = frame[by0:by1, bx0:bx1].astype(np.float32)
-        a = alpha[..., None]
+        a = alpha[..., None] * (1 - idle)  # idle: the portrait's own mouth, unpainted
         frame[by0:by1, bx0:bx1] = np.clip(region * (1 - a) + color * a + 0.5, 0, 255).astype(
             np.uint8
         )
