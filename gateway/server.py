@@ -235,7 +235,9 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
         for name, value in turn.timings.ListFields():
             MILESTONE_SECONDS.labels(name.name.removesuffix("_ms")).observe(value / 1000)
         record = self._record(turn, call, "finished")
-        render = self._archive_renderer(call.options) if call.options.avatar_id else None
+        render = (
+            self._archive_renderer(call.options, turn.phonemes) if call.options.avatar_id else None
+        )
         path = await self.archivist.keep(
             record,
             call.user_id,
@@ -273,10 +275,12 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             )
         )
 
-    def _archive_renderer(self, options: ReplyOptions) -> Any:
+    def _archive_renderer(self, options: ReplyOptions, phonemes: list[Any]) -> Any:
         async def render(audio: bytes, rate: int) -> bytes:
             # Nobody waits on the archive copy: it must not slow the next live turn.
-            request = render_request(options.avatar_id, audio, rate, options.fps, background=True)
+            request = render_request(
+                options.avatar_id, audio, rate, options.fps, background=True, phonemes=phonemes
+            )
             mp4, _ = await self.stages.render(request, self.settings.render_timeout_s)
             return mp4
 

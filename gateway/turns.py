@@ -15,7 +15,7 @@ from typing import Any
 from gateway.config import GatewaySettings
 from gateway.downstream import Stages, pcm_s16le
 from services.common.errors import InvalidInput, LimitExceeded
-from talker.v1 import animate_pb2, chat_pb2, synthesize_pb2, talker_pb2
+from talker.v1 import animate_pb2, audio_pb2, chat_pb2, synthesize_pb2, talker_pb2
 
 Emit = Callable[[talker_pb2.ConverseEvent], Awaitable[None]]
 AUDIO_MODES = (talker_pb2.REPLY_MODE_AUDIO, talker_pb2.REPLY_MODE_AUDIO_VIDEO)
@@ -80,6 +80,8 @@ class Turn:
     frames: int = 0
     mp4: bytearray = field(default_factory=bytearray)
     render: animate_pb2.RenderResult | None = None
+    #: The reply's sounds with their timings on the turn's audio (for the lips of renders).
+    phonemes: list[audio_pb2.PhonemeTiming] = field(default_factory=list)
     #: Set on a speculative turn: the name of its guess, so it can be taken back.
     speculation_id: str = ""
     #: A dropped guess the chat should take back first, if it reached the history.
@@ -300,6 +302,18 @@ class Reply:
                     rate = chunk.format.sample_rate_hz
                     turn.audio_rate_hz = turn.audio_rate_hz or rate
                     offset = len(turn.audio) // 2
+                    # The sentence's timings move onto the turn's timeline with its audio.
+                    shift_ms = offset * 1000 // rate - chunk.offset_ms
+                    phonemes = [
+                        audio_pb2.PhonemeTiming(
+                            phoneme=p.phoneme,
+                            start_ms=max(0, p.start_ms + shift_ms),
+                            duration_ms=p.duration_ms,
+                            notation=p.notation,
+                        )
+                        for p in chunk.phonemes
+                    ]
+                    turn.phonemes += phonemes
                     rebased = synthesize_pb2.AudioChunk(
                         audio=chunk.audio,
                         format=chunk.format,
@@ -307,6 +321,7 @@ class Reply:
                         offset_ms=offset * 1000 // rate,
                         duration_ms=chunk.duration_ms,
                         sentence_index=index,
+                        phonemes=phonemes,
                     )
                     turn.audio.extend(chunk.audio)
                     turn.mark("first_audio_ms")
@@ -333,9 +348,9 @@ class Reply:
                     jpeg_quality=options.jpeg_quality,
                 )
             )
-            yield animate_pb2.AnimateRequest(audio=first.audio)
+            yield animate_pb2.AnimateRequest(audio=first.audio, phonemes=first.phonemes)
             while (chunk := await chunks.get()) is not None:
-                yield animate_pb2.AnimateRequest(audio=chunk.audio)
+                yield animate_pb2.AnimateRequest(audio=chunk.audio, phonemes=chunk.phonemes)
 
         turn = self.turn
         async for response in self.stages.animate.bidi(
@@ -357,7 +372,11 @@ class Reply:
                 await self.emit(turn.event(mp4_chunk=response.chunk))
 
         request = render_request(
-            self.options.avatar_id, bytes(turn.audio), turn.audio_rate_hz, self.options.fps
+            self.options.avatar_id,
+            bytes(turn.audio),
+            turn.audio_rate_hz,
+            self.options.fps,
+            phonemes=turn.phonemes,
         )
         mp4, turn.render = await self.stages.render(
             request, self.settings.render_timeout_s, forward
@@ -366,16 +385,23 @@ class Reply:
 
 
 def render_request(
-    avatar_id: str, pcm: bytes, sample_rate_hz: int, fps: int, background: bool = False
+    avatar_id: str,
+    pcm: bytes,
+    sample_rate_hz: int,
+    fps: int,
+    background: bool = False,
+    phonemes: Sequence[audio_pb2.PhonemeTiming] = (),
 ) -> animate_pb2.RenderRequest:
     """Render of a reply's audio (mono PCM_S16LE) for an avatar; `background`
-    for renders nobody is waiting on (archive copies)."""
+    for renders nobody is waiting on (archive copies); `phonemes`, the
+    synthesizer's timings of the audio, shape the lips."""
     return animate_pb2.RenderRequest(
         avatar_id=avatar_id,
         audio=pcm,
         format=pcm_s16le(sample_rate_hz),
         fps=fps,
         background=background,
+        phonemes=phonemes,
     )
 
 

@@ -296,6 +296,14 @@ def test_ask_with_text_streams_audio_and_returns_the_trace_id(system, gateway) -
     assert "video_frame" not in kinds
     finished = events[-1].turn_finished
     assert "paris" in finished.reply_text.lower() and finished.archive_path.endswith(".wav")
+    # The synthesizer's phoneme timings come along, on the turn's audio timeline (for the lips).
+    chunks = [e.reply_audio for e in events if e.WhichOneof("event") == "reply_audio"]
+    phonemes = [p for c in chunks for p in c.phonemes]
+    assert phonemes, "Piper's phoneme timings reach the client with the reply audio"
+    starts = [p.start_ms for p in phonemes]
+    assert starts == sorted(starts)
+    total_ms = chunks[-1].offset_ms + chunks[-1].duration_ms
+    assert total_ms - 200 <= phonemes[-1].start_ms + phonemes[-1].duration_ms <= total_ms + 40
     # Per-stage latency histograms on the gateway's /metrics.
     port = system.metrics_ports["gateway"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:

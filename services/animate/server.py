@@ -11,9 +11,10 @@ import functools
 import io
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import cv2
@@ -24,11 +25,15 @@ from services.animate.animator import SAMPLE_RATE_HZ, PortraitAnimator
 from services.animate.avatars import AvatarRecord, AvatarStore
 from services.animate.config import AnimateSettings
 from services.animate.portrait import Check, PortraitAnalyzer, PortraitLimits
-from services.animate.wav2lip import Wav2Lip, Wav2LipAnimator, load_wav2lip
+from services.animate.visemes import Span, pinyin_spans, spans_from_phonemes
 from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
 from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, lower_cpu_priority, run_program
-from talker.v1 import animate_pb2, animate_pb2_grpc
+from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2
+
+if TYPE_CHECKING:
+    # torch comes with it: imported only when a Wav2Lip checkpoint is configured.
+    from services.animate.wav2lip import Wav2Lip, Wav2LipAnimator
 
 MIN_FPS, MAX_FPS = 5, 60
 MP4_CHUNK_BYTES = 256 * 1024
@@ -60,12 +65,18 @@ class AnimateEngine:
         self.analyzer = PortraitAnalyzer(limits)
         self.store.load()
         if self.settings.wav2lip_checkpoint:
+            from services.animate.wav2lip import load_wav2lip
+
             self.wav2lip = load_wav2lip(Path(self.settings.wav2lip_checkpoint).expanduser())
+
+
+RIGS_KEPT = 16  # avatars whose animator rig stays in memory (~2-6 MB each)
 
 
 class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
     def __init__(self, engine: AnimateEngine) -> None:
         self.engine = engine
+        self._rigs: dict[tuple[str, tuple[int, ...]], PortraitAnimator] = {}
 
     async def CreateAvatar(
         self, request: animate_pb2.CreateAvatarRequest, context: aio.ServicerContext
@@ -100,8 +111,16 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         height, width = portrait.shape[:2]
         portrait = np.ascontiguousarray(portrait[: height - height % 2, : width - width % 2])
         if self.engine.wav2lip is not None:
+            from services.animate.wav2lip import Wav2LipAnimator
+
             return Wav2LipAnimator(self.engine.wav2lip, portrait, tuple(record.face_box), fps)  # type: ignore[arg-type]
-        return PortraitAnimator(portrait, record.landmarks, fps)
+        # The rig (mesh fields per shape, teeth) is built once per avatar and kept.
+        key = (record.avatar_id, portrait.shape)
+        rig = self._rigs.pop(key, None) or PortraitAnimator(portrait, record.landmarks, fps)
+        self._rigs[key] = rig  # most recently used last
+        while len(self._rigs) > RIGS_KEPT:
+            self._rigs.pop(next(iter(self._rigs)))
+        return rig.fresh(fps)
 
     async def Animate(
         self,
@@ -134,7 +153,13 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
                     )
                 animator = await asyncio.to_thread(self._animator, config.avatar_id, fps)
                 resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
+                if message.phonemes:
+                    _add_phonemes(animator, message.phonemes)
                 continue
+            if message.phonemes:
+                _add_phonemes(animator, message.phonemes)
+            if which is None and message.phonemes:
+                continue  # timings ahead of their audio
             if which != "audio":
                 raise InvalidInput("Only the first message may carry config; send audio after it.")
             chunk_index += 1
@@ -163,7 +188,10 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
                 f"The audio is {len(audio) / rate:.0f} s long; Render takes at most "
                 f"{self.engine.settings.max_render_s:.0f} s."
             )
+        spans = phoneme_spans(request.phonemes)
         animator = await asyncio.to_thread(self._animator, request.avatar_id, fps)
+        if spans and isinstance(animator, PortraitAnimator):
+            animator.add_spans(spans)
         if rate not in AAC_RATES:
             audio, rate = resample(audio, rate, 48_000), 48_000
         total = math.ceil(len(audio) / rate * fps)
@@ -230,7 +258,49 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         self, request: animate_pb2.DeleteAvatarRequest, context: aio.ServicerContext
     ) -> animate_pb2.DeleteAvatarResponse:
         await asyncio.to_thread(self.engine.store.delete, request.avatar_id)
+        for key in [k for k in self._rigs if k[0] == request.avatar_id]:
+            self._rigs.pop(key, None)
         return animate_pb2.DeleteAvatarResponse()
+
+
+MAX_PHONEMES = 20_000  # per message: about half an hour of speech
+MAX_PHONEME_MS = 60_000
+
+
+def phoneme_spans(timings: Sequence[audio_pb2.PhonemeTiming]) -> list[Span]:
+    """Mouth-shape spans from phoneme timings, checked."""
+    if len(timings) > MAX_PHONEMES:
+        raise LimitExceeded(
+            f"{len(timings)} phoneme timings in one message; at most {MAX_PHONEMES}."
+        )
+    ipa: list[tuple[str, float, float]] = []
+    pinyin: list[tuple[str, float, float]] = []
+    for number, timing in enumerate(timings):
+        notation = timing.notation or "ipa"
+        if notation not in ("ipa", "pinyin"):
+            raise InvalidInput(
+                f'phonemes[{number}].notation is {timing.notation!r}; use "ipa" (or empty) or "pinyin".'
+            )
+        if not timing.phoneme or len(timing.phoneme) > 12:
+            raise InvalidInput(
+                f"phonemes[{number}].phoneme is {timing.phoneme!r}; give one sound of 1 to 12 characters."
+            )
+        if timing.duration_ms > MAX_PHONEME_MS:
+            raise InvalidInput(
+                f"phonemes[{number}].duration_ms is {timing.duration_ms}; one sound lasts at most {MAX_PHONEME_MS} ms."
+            )
+        item = (timing.phoneme, timing.start_ms / 1000, timing.duration_ms / 1000)
+        (ipa if notation == "ipa" else pinyin).append(item)
+    return spans_from_phonemes(ipa) + pinyin_spans(pinyin)
+
+
+def _add_phonemes(
+    animator: PortraitAnimator | Wav2LipAnimator, timings: Sequence[audio_pb2.PhonemeTiming]
+) -> None:
+    spans = phoneme_spans(timings)
+    # Wav2Lip reads the lips off the audio itself; timings are for the embedded animator.
+    if isinstance(animator, PortraitAnimator):
+        animator.add_spans(spans)
 
 
 def check_fps(fps: int) -> int:

@@ -19,6 +19,7 @@ from prometheus_client import Histogram
 
 from services.common.errors import NotFound, PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
+from services.synthesize.alignment import aligned_model, phoneme_timings
 from services.synthesize.config import SynthesizeSettings
 from services.synthesize.coqui import CoquiCloner, SpeakerConditioning
 from services.synthesize.voice_matching import VoiceMatcher
@@ -282,8 +283,10 @@ class PiperEngine:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.settings.onnx_threads
         options.inter_op_num_threads = 1
+        # A copy patched (once, into the cache) to report phoneme durations, for the lips.
+        aligned = aligned_model(path, self.settings.cache_dir) or path
         session = onnxruntime.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            str(aligned), sess_options=options, providers=["CPUExecutionProvider"]
         )
         piper = PiperVoice(
             session=session,
@@ -332,14 +335,22 @@ class PiperEngine:
         text: str,
         speaking_rate: float = 1.0,
         stop: threading.Event | None = None,
+        timings: list[list[tuple[str, float, float]]] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Float32 audio at the voice's rate, one array per sentence. Blocking."""
+        """Float32 audio at the voice's rate, one array per sentence. Blocking.
+        With `timings`, each sentence's (phoneme, start s, duration s) is
+        appended to it before its audio is yielded (empty when the voice
+        cannot report them)."""
         length_scale = (voice.piper.config.length_scale or 1.0) / speaking_rate
         config = SynthesisConfig(length_scale=length_scale)
         with voice.lock:
             started = time.perf_counter()
-            for chunk in voice.piper.synthesize(text, syn_config=config):
+            for chunk in voice.piper.synthesize(
+                text, syn_config=config, include_alignments=timings is not None
+            ):
                 SENTENCE_SECONDS.observe(time.perf_counter() - started)
+                if timings is not None:
+                    timings.append(phoneme_timings(chunk))
                 yield chunk.audio_float_array.astype(np.float32, copy=False)
                 if stop is not None and stop.is_set():
                     return

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from grpc import aio
@@ -118,12 +118,18 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             sentences: asyncio.Queue[object] = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
-            def piper_audio() -> Iterator[tuple[np.ndarray, bool]]:
+            def piper_audio() -> Iterator[tuple[np.ndarray, bool, list[tuple[str, float, float]]]]:
                 for piece in split_first_clause(text):
-                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop):
+                    timings: list[list[tuple[str, float, float]]] = []
+                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop, timings):
+                        sounds = timings[-1] if timings else []
                         if profile is not None:
+                            length = len(audio)
                             audio = self.engine.match(audio, voice, profile)
-                        yield audio, True  # Piper gives a sentence at a time
+                            # Matching may stretch the audio: the timings stretch with it.
+                            stretch = len(audio) / max(1, length)
+                            sounds = [(p, s * stretch, d * stretch) for p, s, d in sounds]
+                        yield audio, True, sounds  # Piper gives a sentence at a time
                     if stop.is_set():
                         return
 
@@ -142,6 +148,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
             resampler = StreamResampler(source_rate_hz, rate_hz)
             sent = 0
+            source_samples = 0  # at the voice's own rate: the timings' clock
+            pending_sounds: list[audio_pb2.PhonemeTiming] = []
             sentence_count = 0  # sentences whose audio has all been handed over
             first_chunk_ms = 0
             header = (
@@ -154,7 +162,20 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                     samples: np.ndarray = np.zeros(0, np.float32)
                     ends_sentence = False
                     if not last:
-                        samples, ends_sentence = item  # type: ignore[misc]
+                        parts = cast(tuple[Any, ...], item)
+                        samples, ends_sentence = parts[0], parts[1]
+                        # Piper's items carry the sentence's phoneme timings; cloned voices' do not.
+                        sounds: list[tuple[str, float, float]] = parts[2] if len(parts) > 2 else []
+                        start_s = source_samples / source_rate_hz
+                        pending_sounds += [
+                            audio_pb2.PhonemeTiming(
+                                phoneme=p,
+                                start_ms=round((start_s + s) * 1000),
+                                duration_ms=round(d * 1000),
+                            )
+                            for p, s, d in sounds
+                        ]
+                        source_samples += len(samples)
                     audio = resampler.process(samples, last=last)
                     # The resampler's tail, flushed at the end, is the last sentence's.
                     sentence_index = max(sentence_count - 1, 0) if last else sentence_count
@@ -170,8 +191,10 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                                 offset_ms=sent * 1000 // rate_hz,
                                 duration_ms=len(piece) * 1000 // rate_hz,
                                 sentence_index=sentence_index,
+                                phonemes=pending_sounds,
                             )
                         )
+                        pending_sounds = []
                         header = b""
                         sent += len(piece)
                     if last:
