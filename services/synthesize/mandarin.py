@@ -100,11 +100,14 @@ def voice_id(speaker: str) -> str:
     return VOICE_ID_PREFIX + speaker.lower()
 
 
-def speaker_of(voice_id_: str) -> str | None:
-    if not voice_id_.startswith(VOICE_ID_PREFIX):
-        return None
-    name = voice_id_.removeprefix(VOICE_ID_PREFIX)
-    return next((s for s in SPEAKERS if s.lower() == name), None)
+def canonical_speaker(name: str) -> str:
+    """The checkpoint's spelling of a speaker name given in any case."""
+    for speaker in SPEAKERS:
+        if speaker.lower() == name.strip().lower():
+            return speaker
+    raise ValueError(
+        f"{name!r} is not a speaker of the Mandarin voice; choose from {', '.join(SPEAKERS)}"
+    )
 
 
 def packaged_model_dir() -> Path | None:
@@ -113,7 +116,7 @@ def packaged_model_dir() -> Path | None:
     spec = importlib.util.find_spec("ttskit")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "resource" / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "resource" / "model"
 
 
 def split_clauses(text: str) -> list[tuple[str, bool]]:
@@ -413,7 +416,13 @@ class MandarinVoiceModel:
     sample_rate_hz = SAMPLE_RATE_HZ
 
     def __init__(self, model_dir: Path | None = None, jieba_cache_dir: Path | None = None):
-        self.model_dir = model_dir
+        folder = model_dir or packaged_model_dir()
+        if folder is None:
+            raise FileNotFoundError(
+                "the ttskit package (carrier of the Mandarin voice's weights) is not installed; "
+                "run `make setup`, or set TALKER_SYNTHESIZE_MANDARIN_MODEL_DIR"
+            )
+        self.acoustic_path = folder / ACOUSTIC_FILE
         self.jieba_cache_dir = jieba_cache_dir
         self.acoustic = Mellotron()
         self.vocoder = MelGan()
@@ -421,13 +430,9 @@ class MandarinVoiceModel:
         self.lock = threading.Lock()
 
     def load(self) -> None:
-        folder = self.model_dir or packaged_model_dir()
-        if folder is None:
-            raise FileNotFoundError(
-                "the ttskit package (carrier of the Mandarin voice) is not installed"
-            )
-        self.acoustic.load_state_dict(checkpoint_tensors(folder / ACOUSTIC_FILE))
-        self.vocoder.load_state_dict(fold_weight_norm(checkpoint_tensors(folder / VOCODER_FILE)))
+        self.acoustic.load_state_dict(checkpoint_tensors(self.acoustic_path))
+        vocoder_path = self.acoustic_path.with_name(VOCODER_FILE)
+        self.vocoder.load_state_dict(fold_weight_norm(checkpoint_tensors(vocoder_path)))
         self.acoustic.eval()
         self.vocoder.eval()
         self._to_symbols = self._front_end()
