@@ -27,7 +27,12 @@ from services.synthesize.server import VOICE_METADATA_KEY, build_program
 from services.synthesize.voice_matching import VoiceMatcher
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 from tests.processes import InProcessServer
-from tests.speech import CHINESE_SENTENCES, character_error_rate, mandarin_speech
+from tests.speech import (
+    CHINESE_SENTENCES,
+    character_error_rate,
+    mandarin_speech,
+    mandarin_voice,
+)
 
 DEFAULT_ZH = "zh_CN-mellotron-aiyue"
 MALE_ZH = "zh_CN-mellotron-aicheng"
@@ -251,6 +256,15 @@ def test_a_piper_voice_for_chinese_in_the_voices_folder_takes_over(tmp_path: Pat
             assert voice == DEFAULT_ZH
     finally:
         server.stop()
+
+
+def test_a_long_first_clause_is_said_in_two_parts_cut_between_words() -> None:
+    model = mandarin_voice()
+    assert (
+        model.first_phrase("我最喜欢的季节是秋天因为天气凉爽而且风景很美。") == "我最喜欢的季节是"
+    )
+    assert model.first_phrase("我想预订一张明天去上海的火车票。") == "我想预订一张明天"
+    assert model.first_phrase("你好吗？") == ""  # too short to gain anything
 
 
 def test_spoken_chinese_question_helper_is_heard_by_whisper(asr_engine) -> None:

@@ -31,7 +31,7 @@ class SynthesizeSettings(ServiceSettings):
         default=["Aiyue", "biaobei", "Xiaobei", "Aicheng", "Aida"],
         description="Built-in speakers of the Mandarin voice (ttskit's Mellotron + MelGAN, "
         "in its PyPI wheel) to offer, listed as `zh_CN-mellotron-<name>`; any of its 24 "
-        "(Aibao ... Yina, biaobei). Empty: no Mandarin voice, and torch is not imported. "
+        "(Aibao ... Yina, biaobei). Empty: no Mandarin voice (its model is not loaded). "
         "Aiyue, biaobei, Aicheng and Aida came back from Whisper base at 1.7% character "
         "error; Xiaogang, Xiaomei, Xiaowei and Yina are unintelligible.",
     )

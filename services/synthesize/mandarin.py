@@ -86,6 +86,11 @@ MAX_DECODER_STEPS = 1200
 # Pauses put between clauses and after sentences, s (ttskit puts 0.3 s).
 CLAUSE_PAUSE_S = 0.12
 SENTENCE_PAUSE_S = 0.3
+# A first clause longer than this is said in two parts (first audio sooner); the
+# seam gets a short breath, not a clause pause.
+FIRST_PHRASE_MAX_CHARS = 8
+MIN_PHRASE_CHARS = 3
+PHRASE_PAUSE_S = 0.05
 # Longer clauses are cut: attention is trained on short phrases and gets
 # unstable beyond ~30 characters (ttskit cuts at 30 as well).
 MAX_CLAUSE_CHARS = 30
@@ -427,6 +432,7 @@ class MandarinVoiceModel:
         self.acoustic = Mellotron()
         self.vocoder = MelGan()
         self._to_symbols: Callable[[str], list[int]] | None = None
+        self._words: Callable[[str], list[str]] | None = None
         self.lock = threading.Lock()
 
     def load(self) -> None:
@@ -450,6 +456,7 @@ class MandarinVoiceModel:
                 jieba.dt.tmp_dir = str(self.jieba_cache_dir)
             jieba.initialize()  # builds its dictionary once (~1 s), not on the first request
             text_to_sequence("你好。", cleaner_names="hanzi")  # phkit reads its tables lazily
+        self._words = jieba.lcut
         return lambda text: list(text_to_sequence(text, cleaner_names="hanzi"))
 
     def symbols(self, text: str) -> list[int]:
@@ -465,6 +472,17 @@ class MandarinVoiceModel:
             mel = F.interpolate(mel, size=frames, mode="linear", align_corners=True)
         return self.vocoder(mel).numpy().astype(np.float32, copy=False)
 
+    def first_phrase(self, clause: str) -> str:
+        """The first words of a long clause, cut at a word boundary (jieba), or ""."""
+        assert self._words is not None, "load() first"
+        head = ""
+        for word in self._words(clause):
+            if len(head) + len(word) > FIRST_PHRASE_MAX_CHARS:
+                break
+            head += word
+        # Too short a head sounds clipped; too long a tail gains nothing.
+        return head if MIN_PHRASE_CHARS <= len(head) <= len(clause) - MIN_PHRASE_CHARS else ""
+
     def synthesize(
         self,
         text: str,
@@ -473,9 +491,20 @@ class MandarinVoiceModel:
         stop: threading.Event | None = None,
     ) -> Iterator[tuple[np.ndarray, bool]]:
         """(audio of one clause with the pause after it, ends a sentence). Blocking."""
-        for clause, ends_sentence in split_clauses(text):
+        pieces = [
+            (clause, ends, SENTENCE_PAUSE_S if ends else CLAUSE_PAUSE_S)
+            for clause, ends in split_clauses(text)
+        ]
+        if pieces and len(pieces[0][0]) > FIRST_PHRASE_MAX_CHARS:
+            # The first audio waits for the whole first clause (~0.3 s of work per
+            # second of speech): a long one is cut after its first few words.
+            head = self.first_phrase(pieces[0][0])
+            if head:
+                clause, ends, pause_s = pieces[0]
+                pieces[:1] = [(head, False, PHRASE_PAUSE_S), (clause[len(head) :], ends, pause_s)]
+        for clause, ends_sentence, pause in pieces:
             audio = self.clause_audio(clause, speaker, speaking_rate)
-            pause_s = (SENTENCE_PAUSE_S if ends_sentence else CLAUSE_PAUSE_S) / speaking_rate
+            pause_s = pause / speaking_rate
             yield (
                 np.concatenate([audio, np.zeros(round(pause_s * SAMPLE_RATE_HZ), np.float32)]),
                 ends_sentence,
