@@ -98,6 +98,14 @@ def to_wav(audio: np.ndarray, rate_hz: int) -> bytes:
     return buffer.getvalue()
 
 
+def chinese_question_wav(
+    text: str = CHINESE_QUESTIONS[0], rate_hz: int = 16_000, speaker: str = "Aiyue"
+) -> bytes:
+    """A spoken Chinese question as a 16-bit mono WAV file (for end-to-end tests:
+    Chinese question -> Chinese reply -> spoken Chinese -> mp4)."""
+    return to_wav(mandarin_speech(text, rate_hz, speaker), rate_hz)
+
+
 def silence(seconds: float, rate_hz: int = 16_000) -> np.ndarray:
     return np.zeros(int(seconds * rate_hz), dtype=np.float32)
 

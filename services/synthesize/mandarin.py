@@ -20,6 +20,7 @@ import io
 import logging
 import pickle
 import re
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -414,6 +415,22 @@ class MelGan(nn.Module):
 # ---- the voice ---------------------------------------------------------------
 
 
+def _import_phkit_without_english() -> None:
+    """Registers the `phkit` package without running its __init__, which imports
+    phkit.english and through it `inflect`: 5 s of typeguard instrumentation at
+    import (measured) for English cleaners this voice never uses. Only
+    phkit.chinese is imported after this, which needs nothing from the parent."""
+    if "phkit" in sys.modules:
+        return
+    spec = importlib.util.find_spec("phkit")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("phkit (the Mandarin voice's text front end) is not installed")
+    package = types.ModuleType("phkit")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["phkit"] = package
+
+
 class MandarinVoiceModel:
     """Text in, 22.05 kHz float32 audio out, clause by clause. One synthesis at
     a time (the caller holds the lock)."""
@@ -449,6 +466,8 @@ class MandarinVoiceModel:
         logging.getLogger("jieba").setLevel(logging.WARNING)
         with contextlib.redirect_stderr(io.StringIO()):
             import jieba
+
+            _import_phkit_without_english()
             from phkit.chinese import text_to_sequence
 
             if self.jieba_cache_dir is not None:
