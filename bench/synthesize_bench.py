@@ -22,7 +22,7 @@ from services.synthesize.server import build_program
 from services.synthesize.voice_matching import VoiceMatcher, cosine
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 from tests.processes import InProcessServer
-from tests.speech import CHINESE_SENTENCES, SENTENCES, piper_speech, to_wav
+from tests.speech import CHINESE_SENTENCES, SENTENCES, mandarin_speech, piper_speech, to_wav
 from tests.voices_test import REFERENCE_TEXT, create, espeak_reference, speak
 
 HELD_OUT = "I would like to order a pizza with mushrooms and olives, please."
@@ -40,6 +40,7 @@ ZH_TEXTS = [
     "对不起，我没有听清楚。你能再慢一点说一遍吗？",
 ]
 MANDARIN_VOICE = "zh_CN-mellotron-aiyue"
+HELD_OUT_ZH = "我想要一个加蘑菇和橄榄的比萨饼，谢谢。"
 
 
 def cpu_description() -> str:
@@ -123,6 +124,24 @@ def main() -> None:
                     matched_audio = speak(stub, HELD_OUT, voice.voice_id)
                     matched = cosine(matcher.embed(matched_audio, 16_000), target)
                     moved = "yes" if matched > base else "NO"
+                    rows.append([label, base, matched, matched - base, moved, fit_s])
+                # Matched voices on the Mandarin base (zh_CN-mellotron-aiyue), with
+                # other Mandarin speakers of the same model as the references.
+                for speaker in ("Aicheng", "Xiaobei"):
+                    audio = np.concatenate(
+                        [mandarin_speech(s, 22_050, speaker) for s in CHINESE_SENTENCES * 3]
+                    )
+                    started = time.perf_counter()
+                    voice = create(stub, to_wav(audio, 22_050), language="zh-CN")
+                    fit_s = time.perf_counter() - started
+                    target = matcher.embed(audio, 22_050)
+                    base = cosine(
+                        matcher.embed(speak(stub, HELD_OUT_ZH, MANDARIN_VOICE), 16_000), target
+                    )
+                    matched_audio = speak(stub, HELD_OUT_ZH, voice.voice_id)
+                    matched = cosine(matcher.embed(matched_audio, 16_000), target)
+                    moved = "yes" if matched > base else "NO"
+                    label = f"Mellotron {speaker} (Mandarin base)"
                     rows.append([label, base, matched, matched - base, moved, fit_s])
                 print_table(
                     "Voice matching: similarity to the reference speaker "
