@@ -262,6 +262,28 @@ def test_a_piper_voice_for_chinese_in_the_voices_folder_takes_over(tmp_path: Pat
         server.stop()
 
 
+def test_a_mandarin_default_voice_hands_english_text_to_an_english_voice(tmp_path: Path) -> None:
+    server = InProcessServer(
+        build_program(
+            SynthesizeSettings(
+                port=0,
+                metrics_port=0,
+                voices_dir=tmp_path,
+                mandarin_voices=["Aiyue"],
+                default_voice_id=DEFAULT_ZH,
+            )
+        )
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = synthesize_pb2_grpc.SynthesizeServiceStub(channel)
+            assert call(stub, "你好。")[1] == DEFAULT_ZH
+            assert call(stub, "Hello there.")[1] == "en_US-joe-medium"
+    finally:
+        server.stop()
+
+
 def test_a_long_first_clause_is_said_in_two_parts_cut_between_words() -> None:
     model = mandarin_voice()
     assert (

