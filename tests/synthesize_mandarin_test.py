@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -282,6 +283,23 @@ def test_a_mandarin_default_voice_hands_english_text_to_an_english_voice(tmp_pat
             assert call(stub, "Hello there.")[1] == "en_US-joe-medium"
     finally:
         server.stop()
+
+
+def test_switched_off_its_model_and_front_end_are_never_imported(tmp_path: Path) -> None:
+    """Restart time: with no Mandarin voices the synthesize program does not pay
+    for the model, phkit's tables or jieba's dictionary."""
+    script = (
+        "import sys\n"
+        "from services.synthesize.config import SynthesizeSettings\n"
+        "from services.synthesize.engine import PiperEngine\n"
+        f"PiperEngine(SynthesizeSettings(voices_dir={str(tmp_path)!r}, mandarin_voices=[])).load()\n"
+        "loaded = [m for m in ('services.synthesize.mandarin', 'phkit', 'jieba') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_long_first_clause_is_said_in_two_parts_cut_between_words() -> None:
