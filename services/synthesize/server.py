@@ -1,4 +1,5 @@
-"""SynthesizeService: streaming speech from installed Piper voices, from
+"""SynthesizeService: streaming speech from installed Piper voices and the
+Mandarin voice (chosen for Chinese text when the caller names no voice), from
 voices matched to a reference recording, and from voices cloned from one by a
 Coqui XTTS model when one is configured (CreateVoice)."""
 
