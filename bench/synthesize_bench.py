@@ -1,11 +1,14 @@
 """Synthesize: time to the first audio chunk and real-time factor through
-gRPC, with and without voice matching, and the similarity table: for each
+gRPC, with and without voice matching, for the Mandarin voice beside Piper's
+(ratios to Piper measured in the same run), and the similarity table: for each
 reference speaker, speaker-encoder similarity of the base voice and of the
 matched voice to that speaker, on a held-out sentence."""
 
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ from services.synthesize.server import build_program
 from services.synthesize.voice_matching import VoiceMatcher, cosine
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 from tests.processes import InProcessServer
-from tests.speech import SENTENCES, piper_speech, to_wav
+from tests.speech import CHINESE_SENTENCES, SENTENCES, mandarin_speech, piper_speech, to_wav
 from tests.voices_test import REFERENCE_TEXT, create, espeak_reference, speak
 
 HELD_OUT = "I would like to order a pizza with mushrooms and olives, please."
@@ -30,13 +33,40 @@ TEXTS = [
     "I'm sorry, I didn't catch that. Could you say it again, a little more slowly?",
 ]
 
+ZH_TEXTS = [
+    "你好！有什么可以帮你的吗？",
+    "法国的首都是巴黎，一座以博物馆、美食和悠久历史闻名的城市。",
+    *CHINESE_SENTENCES,
+    "对不起，我没有听清楚。你能再慢一点说一遍吗？",
+]
+MANDARIN_VOICE = "zh_CN-mellotron-aiyue"
+HELD_OUT_ZH = "我想要一个加蘑菇和橄榄的比萨饼，谢谢。"
+
+
+def cpu_description() -> str:
+    """CPU model and its widest vector units (AVX-512 or AVX2), from lscpu."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    model = fields.get("Model name", "unknown CPU").strip()
+    flags = fields.get("Flags", "").split()
+    vector = (
+        "AVX-512" if "avx512f" in flags else "AVX2 (no AVX-512)" if "avx2" in flags else "no AVX2"
+    )
+    return f"{model}, {os.cpu_count()} logical CPUs, {vector}"
+
 
 def timings(
-    stub: synthesize_pb2_grpc.SynthesizeServiceStub, voice_id: str, rounds: int
+    stub: synthesize_pb2_grpc.SynthesizeServiceStub,
+    voice_id: str,
+    rounds: int,
+    texts: list[str] = TEXTS,
 ) -> tuple[list[float], list[float]]:
     firsts, rtfs = [], []
     for _ in range(rounds):
-        for text in TEXTS:
+        for text in texts:
             started = time.perf_counter()
             first = None
             request = synthesize_pb2.SynthesizeRequest(text=text, voice_id=voice_id)
@@ -95,6 +125,24 @@ def main() -> None:
                     matched = cosine(matcher.embed(matched_audio, 16_000), target)
                     moved = "yes" if matched > base else "NO"
                     rows.append([label, base, matched, matched - base, moved, fit_s])
+                # Matched voices on the Mandarin base (zh_CN-mellotron-aiyue), with
+                # other Mandarin speakers of the same model as the references.
+                for speaker in ("Aicheng", "Xiaobei"):
+                    audio = np.concatenate(
+                        [mandarin_speech(s, 22_050, speaker) for s in CHINESE_SENTENCES * 3]
+                    )
+                    started = time.perf_counter()
+                    voice = create(stub, to_wav(audio, 22_050), language="zh-CN")
+                    fit_s = time.perf_counter() - started
+                    target = matcher.embed(audio, 22_050)
+                    base = cosine(
+                        matcher.embed(speak(stub, HELD_OUT_ZH, MANDARIN_VOICE), 16_000), target
+                    )
+                    matched_audio = speak(stub, HELD_OUT_ZH, voice.voice_id)
+                    matched = cosine(matcher.embed(matched_audio, 16_000), target)
+                    moved = "yes" if matched > base else "NO"
+                    label = f"Mellotron {speaker} (Mandarin base)"
+                    rows.append([label, base, matched, matched - base, moved, fit_s])
                 print_table(
                     "Voice matching: similarity to the reference speaker "
                     "(resemblyzer cosine, held-out sentence)",
@@ -110,29 +158,41 @@ def main() -> None:
                 )
                 plain_first, plain_rtf = timings(stub, "en_US-joe-medium", rounds)
                 matched_first, matched_rtf = timings(stub, matched_ids[0], rounds)
+                zh_first, zh_rtf = timings(stub, MANDARIN_VOICE, rounds, ZH_TEXTS)
+                runs = [
+                    ("en_US-joe-medium (Piper)", plain_first, plain_rtf),
+                    ("matched voice (Piper + WORLD)", matched_first, matched_rtf),
+                    (f"{MANDARIN_VOICE} (Mellotron + MelGAN)", zh_first, zh_rtf),
+                ]
+                base_first, base_rtf = percentile(plain_first, 50), percentile(plain_rtf, 50)
                 print_table(
-                    f"Through gRPC, 24 kHz s16le, {len(TEXTS)} texts x {rounds}",
-                    ["voice", "first chunk p50 ms", "p95 ms", "RTF p50", "RTF p95"],
+                    f"Through gRPC, 24 kHz s16le, {len(TEXTS)} English / {len(ZH_TEXTS)} Chinese "
+                    f"texts x {rounds}; {cpu_description()}",
+                    [
+                        "voice",
+                        "first chunk p50 ms",
+                        "p95 ms",
+                        "RTF p50",
+                        "RTF p95",
+                        "first chunk / Piper",
+                        "RTF / Piper",
+                    ],
                     [
                         [
-                            "en_US-joe-medium (Piper)",
-                            percentile(plain_first, 50),
-                            percentile(plain_first, 95),
-                            percentile(plain_rtf, 50),
-                            percentile(plain_rtf, 95),
-                        ],
-                        [
-                            "matched voice (Piper + WORLD)",
-                            percentile(matched_first, 50),
-                            percentile(matched_first, 95),
-                            percentile(matched_rtf, 50),
-                            percentile(matched_rtf, 95),
-                        ],
+                            label,
+                            percentile(first, 50),
+                            percentile(first, 95),
+                            percentile(rtf, 50),
+                            percentile(rtf, 95),
+                            percentile(first, 50) / base_first,
+                            percentile(rtf, 50) / base_rtf,
+                        ]
+                        for label, first, rtf in runs
                     ],
                 )
                 print(
                     "targets: first chunk < 100 ms p50; RTF < 0.1 with voice matching; "
-                    "matched above base for every speaker"
+                    "matched above base for every speaker; Mandarin RTF < 1 (faster than real time)"
                 )
         finally:
             server.stop()

@@ -32,6 +32,9 @@ from talker.v1 import (
 )
 
 log = logging.getLogger("talker.gateway.downstream")
+# Trailing metadata in which Synthesize names the voice that spoke (it may not be
+# the one asked for: Chinese text sent to the default voice gets the Mandarin one).
+VOICE_METADATA_KEY = "x-talker-voice"
 
 LABELS = {
     "asr": "speech recognition",
@@ -188,9 +191,16 @@ class Stage:
                     continue
                 raise failure_from(self.name, error) from None
 
-    async def stream(self, method: Any, request: Any, timeout_s: float) -> AsyncIterator[Any]:
+    async def stream(
+        self,
+        method: Any,
+        request: Any,
+        timeout_s: float,
+        trailers: dict[str, str] | None = None,
+    ) -> AsyncIterator[Any]:
         """A server stream with the trace id. Retried on UNAVAILABLE only before
-        it produced anything; once output has gone out, a failure is final."""
+        it produced anything; once output has gone out, a failure is final.
+        `trailers`, if given, receives the call's trailing metadata at its end."""
         attempt = 0
         while True:
             await self.ready()
@@ -202,6 +212,8 @@ class Stage:
                         await self._note_model(call)
                     produced = True
                     yield response
+                if trailers is not None:
+                    trailers.update((k, str(v)) for k, v in await call.trailing_metadata() or ())
                 return
             except aio.AioRpcError as error:
                 if not produced and await self._should_retry(error, attempt):

@@ -304,6 +304,7 @@ class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
             "usage": MessageToDict(finished.usage, preserving_proto_field_name=True),
             "mode": talker_pb2.ReplyMode.Name(options.mode),
             "voice_id": options.voice_id,
+            "voices_used": turn.voices_used,
             "avatar_id": options.avatar_id,
             "reply_audio_ms": turn.audio_ms,
             "reply_audio_rate_hz": turn.audio_rate_hz,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import GatewaySettings
-from gateway.downstream import Stages, pcm_s16le
+from gateway.downstream import VOICE_METADATA_KEY, Stages, pcm_s16le
 from services.common.errors import InvalidInput, LimitExceeded
 from talker.v1 import animate_pb2, audio_pb2, chat_pb2, synthesize_pb2, talker_pb2
 
@@ -90,6 +90,8 @@ class Turn:
     reached: dict[str, float] = field(default_factory=dict)
     #: When the reply pipeline began (perf_counter): before `started` for a guess.
     reply_started: float | None = None
+    #: Voices that spoke the reply, as Synthesize named them (x-talker-voice).
+    voices_used: list[str] = field(default_factory=list)
 
     def mark(self, milestone: str) -> None:
         """Records the first time a milestone is reached."""
@@ -293,8 +295,9 @@ class Reply:
                     voice_id=self.options.voice_id,
                     output_format=pcm_s16le(self.options.output_sample_rate_hz),
                 )
+                trailers: dict[str, str] = {}
                 async for response in self.stages.synthesize.stream(
-                    stub.Synthesize, request, self.settings.synthesize_timeout_s
+                    stub.Synthesize, request, self.settings.synthesize_timeout_s, trailers
                 ):
                     if response.WhichOneof("response") != "chunk":
                         continue
@@ -328,6 +331,10 @@ class Reply:
                     await self.emit(turn.event(reply_audio=rebased))
                     if chunks is not None:
                         chunks.put_nowait(rebased)
+                # The voice that spoke (Chinese text gets the Mandarin voice).
+                spoken_by = trailers.get(VOICE_METADATA_KEY)
+                if spoken_by and spoken_by not in turn.voices_used:
+                    turn.voices_used.append(spoken_by)
         finally:
             if chunks is not None:
                 chunks.put_nowait(None)

@@ -54,12 +54,18 @@ def tts(voices_dir: Path) -> Iterator[synthesize_pb2_grpc.SynthesizeServiceStub]
 
 
 def create(
-    stub, audio_bytes: bytes, encoding=audio_pb2.AUDIO_ENCODING_WAV, rate=0, validate_only=False
+    stub,
+    audio_bytes: bytes,
+    encoding=audio_pb2.AUDIO_ENCODING_WAV,
+    rate=0,
+    validate_only=False,
+    language="",
 ):  # type: ignore[no-untyped-def]
     def requests():  # type: ignore[no-untyped-def]
         yield synthesize_pb2.CreateVoiceRequest(
             config=synthesize_pb2.CreateVoiceConfig(
                 display_name="Test speaker",
+                language=language,
                 format=audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate),
                 consent=True,
                 validate_only=validate_only,

