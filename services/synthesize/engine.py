@@ -20,6 +20,7 @@ from prometheus_client import Histogram
 
 from services.common.errors import NotFound, PreconditionFailed
 from services.common.metrics import LATENCY_BUCKETS
+from services.common.scripts import dominant_script
 from services.synthesize.alignment import aligned_model, phoneme_timings
 from services.synthesize.config import SynthesizeSettings
 from services.synthesize.coqui import CoquiCloner, SpeakerConditioning
@@ -72,39 +73,8 @@ _SCRIPT_NAMES = {
 }
 
 
-def script_of(char: str) -> str:
-    name = unicodedata.name(char, "")
-    for script in (
-        "CJK",
-        "HIRAGANA",
-        "KATAKANA",
-        "HANGUL",
-        "CYRILLIC",
-        "ARABIC",
-        "HEBREW",
-        "GREEK",
-        "DEVANAGARI",
-        "THAI",
-        "GEORGIAN",
-        "LATIN",
-    ):
-        if name.startswith(script):
-            return "CJK" if script in ("HIRAGANA", "KATAKANA") else script
-    return ""
-
-
 def has_kana(text: str) -> bool:
     return any(unicodedata.name(c, "").startswith(_KANA) for c in text)
-
-
-def dominant_script(text: str) -> str | None:
-    """The writing system most letters of the text are in (None if no letters)."""
-    counts: dict[str, int] = {}
-    for char in text:
-        if char.isalpha():
-            script = script_of(char) or "OTHER"
-            counts[script] = counts.get(script, 0) + 1
-    return max(counts, key=counts.__getitem__) if counts else None
 
 
 @dataclass
