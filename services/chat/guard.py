@@ -1,16 +1,30 @@
-"""The guard in front of the model: prompt-injection and abuse patterns,
-matched on normalised text, answered with a refusal instead of the model."""
+"""The guard in front of the model: prompt-injection and abuse, answered with a
+refusal in the user's language instead of the model.
+
+Two checks, cheapest first. Regular expressions on normalised text catch the
+textbook phrasings for free; a sentence-embedding classifier
+(semantic_guard.py) catches paraphrases that no keyword list anticipates.
+"""
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from services.chat.config import ChatSettings
 from services.common.errors import PreconditionFailed
+
+if TYPE_CHECKING:
+    from services.chat.semantic_guard import SemanticCheck
 
 # Zero-width and bidi controls are stripped first: they are a classic way to
 # split a trigger phrase so a pattern no longer sees it.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
 
 
 def normalise(text: str) -> str:
@@ -18,8 +32,35 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def language_of(text: str) -> str:
+    """'zh' when the text is mostly Chinese characters, else 'en'. A Han
+    character carries about as much as an English word, so one counts as much
+    as a word's worth (~4) of Latin letters."""
+    han = len(_HAN.findall(text))
+    return "zh" if han and han * 4 >= len(_LATIN.findall(text)) else "en"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a text was refused, and what to say instead."""
+
+    check: str  # "pattern" or "semantic"
+    reason: str  # the pattern that matched, or the score against the threshold
+    language: str  # "en" or "zh": the script of the refused text
+    text: str  # the refusal to send, in that language
+    score: float | None = None  # the semantic check's score, when it ran
+
+    def __str__(self) -> str:
+        return f"{self.check}: {self.reason}"
+
+
 class Guard:
-    def __init__(self, patterns: list[str]) -> None:
+    def __init__(
+        self,
+        patterns: list[str],
+        semantic: SemanticCheck | None = None,
+        refusals: dict[str, str] | None = None,
+    ) -> None:
         compiled = []
         for pattern in patterns:
             try:
@@ -29,11 +70,56 @@ class Guard:
                     f"Guard pattern {pattern!r} is not a valid regular expression: {error}"
                 ) from None
         self._patterns = compiled
+        self.semantic = semantic
+        defaults = ChatSettings.model_fields
+        self._refusals = {
+            "en": defaults["refusal_text"].default,
+            "zh": defaults["refusal_text_zh"].default,
+            **(refusals or {}),
+        }
 
-    def check(self, text: str) -> str | None:
-        """The pattern that matched, or None when the text may go to the model."""
+    @classmethod
+    def from_settings(cls, settings: ChatSettings) -> Guard:
+        semantic = None
+        if settings.guard_semantic:
+            # Imported here: numpy and the embedding engine load only when the check is on.
+            from services.chat.semantic_guard import SemanticCheck, embedded_model_path
+
+            model_path = (
+                Path(settings.guard_model_path).expanduser()
+                if settings.guard_model_path
+                else embedded_model_path()
+            )
+            semantic = SemanticCheck(
+                model_path,
+                settings.guard_threshold,
+                cache_dir=settings.cache_dir,
+                examples_path=settings.guard_examples_path,
+            )
+        return cls(
+            settings.guard_patterns,
+            semantic,
+            {"en": settings.refusal_text, "zh": settings.refusal_text_zh},
+        )
+
+    def refusal_text(self, text: str) -> str:
+        return self._refusals[language_of(text)]
+
+    def check(self, text: str) -> Refusal | None:
+        """Why the text is refused, or None when it may go to the model."""
         clean = normalise(text)
+        language = language_of(clean)
         for pattern in self._patterns:
             if pattern.search(clean):
-                return pattern.pattern
+                return Refusal("pattern", pattern.pattern, language, self._refusals[language])
+        if self.semantic is not None:
+            score = self.semantic.score(clean)
+            if score >= self.semantic.threshold:
+                return Refusal(
+                    "semantic",
+                    f"score {score:.2f} >= threshold {self.semantic.threshold}",
+                    language,
+                    self._refusals[language],
+                    score,
+                )
         return None
