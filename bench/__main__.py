@@ -8,6 +8,7 @@ from bench import (
     chat_engines,
     chat_models,
     gateway_bench,
+    guard_bench,
     jobs_bench,
     synthesize_bench,
 )
@@ -20,6 +21,7 @@ BENCHES = {
     "gateway": gateway_bench.main,
     "jobs": jobs_bench.main,
     "chaos": chaos_bench.main,
+    "guard": guard_bench.main,
 }
 # Run on request only: comparisons of models and engines (long), not the product's speed.
 EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}

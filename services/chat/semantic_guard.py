@@ -39,6 +39,13 @@ L2_PENALTY = 0.01
 # harmless opening is still seen; at most this many sentences (the rest stay in
 # the last one) keep the cost bounded for a long message.
 MAX_SENTENCES = 8
+# A sentence out of its context is more ambiguous than the whole message ("I
+# followed the instructions exactly."), so a sentence counts this much less.
+# Measured on two-sentence messages built from the fitting examples (10-fold,
+# benign+benign and benign+attack): whole message only blocked 44% at 0.5; any
+# sentence at full weight 94% blocked with 6.5% false refusals; this margin 88%
+# with 0.6%.
+SENTENCE_MARGIN = 0.2
 _SENTENCE_END = re.compile(r"(?<=[.!?;。！？；\n])\s*")
 
 
@@ -207,7 +214,9 @@ class SemanticCheck:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def score(self, text: str) -> float:
-        """The highest score over the whole text and each of its sentences."""
+        """The whole text's score, or a sentence's less SENTENCE_MARGIN if higher."""
         sentences = split_sentences(text)
-        pieces = [text] if len(sentences) <= 1 else [text, *sentences]
-        return float(self.scores(pieces).max())
+        if len(sentences) <= 1:
+            return float(self.scores([text])[0])
+        whole, *each = self.scores([text, *sentences])
+        return float(max(whole, max(each) - SENTENCE_MARGIN))
