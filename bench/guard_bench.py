@@ -9,9 +9,12 @@ machine is shared and noisy.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.guard_cases import ATTACKS, BENIGN
 from bench.tables import percentile, print_table
@@ -19,19 +22,11 @@ from services.chat.config import ChatSettings
 from services.chat.guard import Guard, language_of, normalise
 from services.chat.guard_examples import ATTACKS as FIT_ATTACKS
 from services.chat.guard_examples import BENIGN as FIT_BENIGN
+from services.chat.semantic_guard import L2_PENALTY, fit_logistic
 
 ROUNDS = 3
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line),
-        "unknown CPU",
-    )
-    flags = set(next((line for line in info.splitlines() if line.startswith("flags")), "").split())
-    wide = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{model}, {wide}"
+FOLDS = 10
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def rate(hits: list[bool]) -> str:
@@ -73,7 +68,10 @@ def main() -> None:
                 row.append(rate(hits))
         return row
 
+    # Wall time is what a caller waits; CPU time (of this one thread) is what the
+    # check costs, and stays put when other programs crowd the 2 cores.
     times: dict[str, list[float]] = {"regex": [], "semantic": [], "both": []}
+    cpu_times: dict[str, list[float]] = {"regex": [], "semantic": [], "both": []}
     checks = {
         "regex": regex_only.check,
         "semantic": lambda text: semantic.score(normalise(text)),
@@ -82,9 +80,10 @@ def main() -> None:
     for _ in range(ROUNDS):
         for name, check in checks.items():
             for text, _ in cases:
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 check(text)
                 times[name].append((time.perf_counter() - started) * 1000)
+                cpu_times[name].append((time.thread_time() - started_cpu) * 1000)
     baseline = percentile(times["regex"], 50)
 
     header = [
@@ -97,6 +96,7 @@ def main() -> None:
         "false refusals",
         "ms p50",
         "ms p95",
+        "CPU ms p50",
         "p50 / regex",
     ]
     rows = []
@@ -108,12 +108,14 @@ def main() -> None:
                 *rows_for(verdicts),
                 f"{p50:.2f}",
                 f"{percentile(times[name], 95):.2f}",
+                f"{percentile(cpu_times[name], 50):.2f}",
                 f"{p50 / baseline:.0f}x",
             ]
         )
     print_table(
         f"Guard on {len(ATTACKS)} held-out attacks and {len(BENIGN)} benign questions "
-        f"(threshold {semantic.threshold}; {cpu_name()}; semantic check on 1 thread)",
+        f"(threshold {semantic.threshold}; semantic check on 1 thread; "
+        f"load average {os.getloadavg()[0]:.1f})",
         header,
         rows,
     )
@@ -126,8 +128,31 @@ def main() -> None:
         f"{warm_s:.2f} s with the examples cached."
     )
 
+    # How the default threshold was chosen: 10-fold cross-validation on the
+    # fitting examples alone (each fold scored by a classifier fitted without it).
+    vectors, labels = semantic.example_vectors, semantic.example_labels
+    fold_of = np.arange(len(labels)) % FOLDS
+    held_out = np.empty(len(labels))
+    for fold in range(FOLDS):
+        weights = fit_logistic(vectors[fold_of != fold], labels[fold_of != fold], L2_PENALTY)
+        logits = vectors[fold_of == fold] @ weights[:-1] + weights[-1]
+        held_out[fold_of == fold] = 1 / (1 + np.exp(-logits))
+    print_table(
+        f"Semantic check alone, {FOLDS}-fold cross-validation on its "
+        f"{int(labels.sum())} attack and {int((1 - labels).sum())} benign fitting examples",
+        ["threshold", "blocked", "false refusals"],
+        [
+            [
+                threshold,
+                rate(list(held_out[labels == 1] >= threshold)),
+                rate(list(held_out[labels == 0] >= threshold)),
+            ]
+            for threshold in THRESHOLDS
+        ],
+    )
+
     sweep = []
-    for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
+    for threshold in THRESHOLDS:
         blocked = [by_regex[t] or scores[t] >= threshold for t in ATTACKS]
         refused = [by_regex[t] or scores[t] >= threshold for t in BENIGN]
         sweep.append([threshold, rate(blocked), rate(refused)])

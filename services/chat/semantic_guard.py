@@ -180,9 +180,10 @@ class SemanticCheck:
         self.threshold = threshold
         self.encoder = SentenceEncoder(model_path)
         attacks, benign = load_examples(examples_path)
-        vectors = self._example_vectors(attacks + benign, cache_dir)
-        labels = np.r_[np.ones(len(attacks)), np.zeros(len(benign))]
-        self._weights = fit_logistic(vectors, labels, L2_PENALTY)
+        # Kept for the benchmark's cross-validation (a few hundred KB).
+        self.example_vectors = self._example_vectors(attacks + benign, cache_dir)
+        self.example_labels = np.r_[np.ones(len(attacks)), np.zeros(len(benign))]
+        self._weights = fit_logistic(self.example_vectors, self.example_labels, L2_PENALTY)
 
     def _example_vectors(self, examples: list[str], cache_dir: Path | None) -> np.ndarray:
         key = hashlib.sha256(
