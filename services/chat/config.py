@@ -197,11 +197,11 @@ class ChatSettings(ServiceSettings):
         default=0.6,
         gt=0,
         lt=1,
-        description="Refuse when the semantic score (0..1) is at least this. 0.6: the fewest "
-        "errors of both kinds in 10-fold cross-validation on the guard's own 123 attack and "
-        "170 benign examples (92% of attacks blocked, 1% of benign refused; 0.5: 93% / 3%; "
-        "0.7: 84% / 1%). Lower blocks more and refuses more. Held-out figures: "
-        "`python -m bench guard`.",
+        description="Refuse when the semantic score (0..1) is at least this. 0.6 keeps false "
+        "refusals near 3% in 10-fold cross-validation on the guard's own 123 attack and 223 "
+        "benign examples, blocking 87% of attacks the check alone sees (0.5: 89% / 4%; "
+        "0.4: 93% / 6%; 0.7: 82% / 1%). Lower blocks more and refuses more. Held-out "
+        "figures, patterns included: `python -m bench guard`.",
     )
     guard_examples_path: str = Field(
         default="",

@@ -31,9 +31,9 @@ from services.chat.guard_examples import ATTACKS, BENIGN
 from services.common.errors import PreconditionFailed
 
 EMBEDDED_MODEL_FILE = "e5-small-q4.bin"
-# Regularisation of the classifier. Chosen by 10-fold cross-validation on the
-# guard's own examples (AUC 0.994 at 0.01; 0.990 at 0.1, 0.979 at 1.0); the
-# benchmark's held-out cases played no part in it.
+# Regularisation of the classifier. 10-fold cross-validation on the guard's own
+# examples found it flat (AUC 0.980 at 0.001, 0.981 at 0.01, 0.982 at 0.1);
+# the benchmark's held-out cases played no part in it.
 L2_PENALTY = 0.01
 # A message is also scored sentence by sentence, so an injection tucked behind a
 # harmless opening is still seen; at most this many sentences (the rest stay in
@@ -41,10 +41,10 @@ L2_PENALTY = 0.01
 MAX_SENTENCES = 8
 # A sentence out of its context is more ambiguous than the whole message ("I
 # followed the instructions exactly."), so a sentence counts this much less.
-# Measured on two-sentence messages built from the fitting examples (10-fold,
-# benign+benign and benign+attack): whole message only blocked 44% at 0.5; any
-# sentence at full weight 94% blocked with 6.5% false refusals; this margin 88%
-# with 0.6%.
+# Measured at threshold 0.6 on two-sentence messages built from the fitting
+# examples (10-fold; benign+benign and benign+attack): the whole message alone
+# blocked 39%; every sentence at full weight 87% with 6.7% false refusals; this
+# margin 81% with 2.7%.
 SENTENCE_MARGIN = 0.2
 _SENTENCE_END = re.compile(r"(?<=[.!?;。！？；\n])\s*")
 
