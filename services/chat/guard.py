@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from services.chat.config import ChatSettings
 from services.common.errors import PreconditionFailed
+from services.common.scripts import is_chinese
 
 if TYPE_CHECKING:
     from services.chat.semantic_guard import SemanticCheck
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 # Zero-width and bidi controls are stripped first: they are a classic way to
 # split a trigger phrase so a pattern no longer sees it.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
 
 
 def normalise(text: str) -> str:
@@ -35,11 +34,9 @@ def normalise(text: str) -> str:
 
 
 def language_of(text: str) -> str:
-    """'zh' when the text is mostly Chinese characters, else 'en'. A Han
-    character carries about as much as an English word, so one counts as much
-    as a word's worth (~4) of Latin letters."""
-    han = len(_HAN.findall(text))
-    return "zh" if han and han * 4 >= len(_LATIN.findall(text)) else "en"
+    """'zh' for a text mostly in Chinese characters (the rule chat uses to pick
+    its system prompt), else 'en': the language of the refusal."""
+    return "zh" if is_chinese(text) else "en"
 
 
 @dataclass(frozen=True)
