@@ -19,11 +19,12 @@ PROTOS := $(wildcard protos/talker/v1/*.proto)
 GEN := gen/talker/v1
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup system-deps proto run stop status restart logs test lint format bench clean
+.PHONY: help setup system-deps proto run stop status restart logs test test-fast lint format bench clean
 
 help:
 	@echo "make run     set up and start every program under supervisord, wait until SERVING"
 	@echo "make test    set up and run the test suite"
+	@echo "make test-fast   the engine and contract rings only (no supervisord)"
 	@echo "make stop | status | restart | logs | lint | format | bench | proto | clean"
 
 # ---- setup ------------------------------------------------------------------
@@ -116,6 +117,10 @@ logs:
 # ---- checks -----------------------------------------------------------------
 test: setup system-deps node_modules/.bin/buf $(NODE_CLIENT)/node_modules/.installed
 	$(PY) -m pytest
+
+# The engine and contract rings only (no supervisord): a quick check while working.
+test-fast: setup
+	$(PY) -m pytest -m "not system"
 
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .

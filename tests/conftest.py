@@ -75,3 +75,27 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     """Every program under the project's real supervisord, on free ports, all SERVING."""
     with serving_system(tmp_path_factory.mktemp("var")) as supervisor:
         yield supervisor
+
+
+# ---- test rings ------------------------------------------------------------------
+# Every test is marked with its ring, from what it stands on: `system` if it
+# needs real programs under supervisord (the `system` fixture, or a file that
+# starts processes itself), `contract` if it starts a servicer in-process and
+# calls it through a real channel, `engine` otherwise. `make test-fast` runs
+# `-m "not system"`; `make test` runs all three.
+SYSTEM_FILES = {"watchdog_test.py", "jobs_queue_test.py", "prometheus_test.py"}
+
+
+def ring_of(item: pytest.Item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    name = Path(str(item.fspath)).name
+    if "system" in fixtures or name.endswith("_system_test.py") or name in SYSTEM_FILES:
+        return "system"
+    if "start_in_process" in fixtures or name.endswith("_contract_test.py"):
+        return "contract"
+    return "engine"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(ring_of(item))
