@@ -107,9 +107,8 @@ def evaluate(
 
 def main() -> None:
     settings = ChatSettings()
-    prompts = (
-        PROMPTS if os.environ.get("BENCH_PROMPTS") == "all" else {"default": PROMPTS["default"]}
-    )
+    first = next(iter(PROMPTS))
+    prompts = PROMPTS if os.environ.get("BENCH_PROMPTS") == "all" else {first: PROMPTS[first]}
     samplings = {
         "greedy": GenerationParams(96, 1.0, 1.0, True, settings.repetition_penalty),
         f"T={settings.temperature}": GenerationParams(
