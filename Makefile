@@ -50,6 +50,12 @@ system-deps:
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	command -v protoc-gen-go >/dev/null || missing="$$missing protoc-gen-go"; \
+	command -v protoc-gen-go-grpc >/dev/null || missing="$$missing protoc-gen-go-grpc"; \
+	test -d /usr/share/gocode/src/google.golang.org/grpc || missing="$$missing golang-google-grpc-dev"; \
+	test -d /usr/share/gocode/src/google.golang.org/protobuf || missing="$$missing golang-google-protobuf-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -89,7 +95,7 @@ setup: $(STAMP) proto $(SAMPLES) $(CHAT_MODEL)
 
 # ---- running ----------------------------------------------------------------
 run: setup system-deps
-	@mkdir -p $(TALKER_VAR_DIR)/log $(TALKER_VAR_DIR)/run
+	@mkdir -p $(TALKER_VAR_DIR)/log/supervisor $(TALKER_VAR_DIR)/run
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 	  echo "supervisord is running: updating programs"; $(SUPERVISORCTL) update; $(SUPERVISORCTL) start talker:*; \
 	else \

@@ -53,7 +53,7 @@ class Supervisor:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        (self.var_dir / "log").mkdir(parents=True, exist_ok=True)
+        (self.var_dir / "log" / "supervisor").mkdir(parents=True, exist_ok=True)
         (self.var_dir / "run").mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [str(VENV_BIN / "supervisord"), "-n", "-c", str(SUPERVISOR_CONF)],
