@@ -80,7 +80,7 @@ $(GEN)/.stamp: $(PROTOS) $(STAMP)
 
 proto: $(GEN)/.stamp
 
-SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav
+SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav $(TALKER_VAR_DIR)/samples/voice.wav
 
 $(SAMPLES): $(STAMP)
 	$(PY) -m gateway.samples $(TALKER_VAR_DIR)/samples

@@ -239,6 +239,16 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 "kind must be VOICE_KIND_MATCHED or VOICE_KIND_CLONED (or unset); built-in "
                 "voices are added as files to the voices folder."
             )
+        required = self.settings.require_consent
+        if not config.consent and (
+            required == "all" or (required == "cloned" and kind == synthesize_pb2.VOICE_KIND_CLONED)
+        ):
+            what = "cloned" if required == "cloned" else "new"
+            raise InvalidInput(
+                f"This server makes {what} voices only with the speaker's consent: set "
+                "`consent` (`talker voices add ... --consent`) once the recorded person has "
+                "agreed to have their voice reproduced."
+            )
         fmt = config.format
         audio, rate_hz = decode_clip(
             b"".join(pieces), fmt.encoding, fmt.sample_rate_hz, fmt.channels
