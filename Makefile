@@ -44,6 +44,9 @@ $(STAMP): pyproject.toml
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 
+# Go: Debian's gRPC-Go marshals through github.com/golang/protobuf, which must be
+# the 1.5 line (built on the APIv2 runtime the generated stubs use); apt replaces
+# the 1.3 line that golang-google-grpc-dev pulls in by default.
 system-deps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
@@ -56,6 +59,7 @@ system-deps:
 	command -v protoc-gen-go-grpc >/dev/null || missing="$$missing protoc-gen-go-grpc"; \
 	test -d /usr/share/gocode/src/google.golang.org/grpc || missing="$$missing golang-google-grpc-dev"; \
 	test -d /usr/share/gocode/src/google.golang.org/protobuf || missing="$$missing golang-google-protobuf-dev"; \
+	dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || missing="$$missing golang-github-golang-protobuf-1-5-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

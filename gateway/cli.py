@@ -328,29 +328,25 @@ def create_voice_with_progress(
     """CreateVoice with what is happening on stderr: the upload by bytes, then the
     seconds spent measuring and matching (a 30 s reference takes a minute or more on
     a small CPU; silence that long looks like a hang)."""
-    upload = tqdm(total=size, unit="B", unit_scale=True, desc="uploading", leave=False)
+    # One line on stderr: a bar by bytes while uploading, then the same line names
+    # the server's step and counts the seconds (tqdm's elapsed time).
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="uploading", leave=False)
 
     def counted() -> Iterator[synthesize_pb2.CreateVoiceRequest]:
         for request in requests:
-            upload.update(len(request.audio))
+            bar.update(len(request.audio))
             yield request
-        upload.close()
+        bar.set_description("checking the recording and making the voice")
 
     call = stub.CreateVoice.future(counted(), timeout=300)
-    waiting = tqdm(
-        desc="checking the recording and making the voice",
-        bar_format="{desc}: {elapsed}",
-        leave=False,
-    )
     try:
         while True:
             try:
                 return call.result(timeout=0.5).voice
             except grpc.FutureTimeoutError:
-                waiting.refresh()
+                bar.refresh()
     finally:
-        upload.close()
-        waiting.close()
+        bar.close()
 
 
 def cmd_avatars(args: argparse.Namespace) -> None:

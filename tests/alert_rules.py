@@ -56,12 +56,16 @@ def series_name(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inside}}}"
 
 
+Expected = dict[str, list[dict[str, str]]]  # alert name -> labels of each firing alert
+
+
 def promtool_test(
-    scrapes: list[Scrape], expected: dict[str, list[dict[str, str]]], eval_minutes: int, tmp: Path
+    scrapes: list[Scrape], checks: list[tuple[int, Expected]], tmp: Path
 ) -> subprocess.CompletedProcess[str]:
     """Runs `promtool test rules`: scrape i holds from minute i*MINUTES_PER_SCRAPE
-    for MINUTES_PER_SCRAPE minutes; `expected` maps alert names to the labels of
-    every alert that must be firing at `eval_minutes` (an empty list: none may)."""
+    for MINUTES_PER_SCRAPE minutes; each check is (minute, expected), expected
+    mapping alert names to the labels of every alert that must be firing then
+    (an empty list: none may; names not given are not checked)."""
     names = sorted({name for scrape in scrapes for name in scrape})
     input_series = []
     for name in names:
@@ -79,12 +83,13 @@ def promtool_test(
             {
                 "interval": "1m",
                 "input_series": input_series,
-                "alert_rule_tests": [
+                "alert_rule_test": [
                     {
-                        "eval_time": f"{eval_minutes}m",
+                        "eval_time": f"{minute}m",
                         "alertname": alertname,
                         "exp_alerts": [{"exp_labels": labels} for labels in alerts],
                     }
+                    for minute, expected in checks
                     for alertname, alerts in sorted(expected.items())
                 ],
             }

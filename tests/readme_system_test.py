@@ -69,7 +69,8 @@ def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: P
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", moved(script)],
             cwd=tmp_path,
-            env=system.env,
+            # `.venv/bin/talker` imports this tree's code, also from a worktree.
+            env={**system.env, "PYTHONPATH": str(REPO)},
             capture_output=True,
             text=True,
             timeout=600,
@@ -86,6 +87,8 @@ def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: P
     assert any(row.startswith("var/log/chat.log:") for row in traced), traced[:5]
     # ...and the stages' model header (grpcurl -v prints response headers).
     assert "x-talker-model:" in everything
+    # Long CLI work shows progress (voices add: upload, then the wait, on stderr).
+    assert "checking the recording and making the voice" in everything
     # The answer files the commands wrote.
     assert (tmp_path / "answer.mp4").stat().st_size > 10_000
     assert (tmp_path / "hello.wav").read_bytes()[:4] == b"RIFF"

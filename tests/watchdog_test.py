@@ -1,5 +1,7 @@
 """The watchdog under the real supervisord: a hung program (SIGSTOP, port
-still open) and a program over its memory ceiling are restarted."""
+still open) and a program over its memory ceiling are restarted; the alert
+rules, fed with what that system exports, fire for the ceiling and then for
+the restart."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 from services.common.health_probe import probe
+from tests.alert_rules import MINUTES_PER_SCRAPE, promtool_test, scrape, severity
 from tests.processes import Supervisor
 
 
@@ -109,3 +113,85 @@ def test_crash_loop_is_rate_limited(watched: Supervisor) -> None:
     assert restarts
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(restarts)]
     assert all(gap >= 19.5 for gap in gaps), gaps
+
+
+def test_alerts_fire_for_the_memory_ceiling_and_then_the_restart(
+    watched: Supervisor, tmp_path: Path
+) -> None:
+    synthesize = f"127.0.0.1:{watched.metrics_ports['synthesize']}"
+    watchdog = f"127.0.0.1:{watched.metrics_ports['watchdog']}"
+    targets = {"synthesize": synthesize, "watchdog": watchdog}
+
+    def restarts(series: dict[str, float]) -> float:
+        return sum(
+            value
+            for key, value in series.items()
+            if key.startswith("talker_watchdog_restarts_total{") and 'program="synthesize"' in key
+        )
+
+    def scrape_when(ready: bool, deadline_s: float = 120) -> dict[str, float]:
+        """A scrape of both, once synthesize answers, is (not) ready as asked and
+        is over 90% of its ceiling (not merely still importing)."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                series = scrape(targets)
+                labels = f'{{instance="{synthesize}",job="talker"}}'
+                rss = series.get(f"process_resident_memory_bytes{labels}", 0.0)
+                limit = series.get(f"talker_memory_limit_bytes{labels}", 0.0)
+                over_ceiling = limit > 0 and rss > 0.9 * limit
+                if series.get(f"talker_ready{labels}") == (1.0 if ready else 0.0) and over_ceiling:
+                    return series
+            except OSError:
+                pass  # restarting: its /metrics is not up yet
+            assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+            time.sleep(0.5)
+
+    # Loaded and over its ceiling (100 MiB): NOT_SERVING, its RSS above 90% of it.
+    over = scrape_when(ready=False)
+    first_pid = pid(watched, "synthesize")
+    # The watchdog restarts it (backoff 20 s between restarts here).
+    deadline = time.monotonic() + 120
+    while pid(watched, "synthesize") == first_pid:
+        assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+        time.sleep(0.5)
+    after = scrape_when(ready=False)
+    assert restarts(after) > restarts(over)
+    base = {"job": "talker"}
+    warn = severity("TalkerMemoryHigh")
+    end_of_first = MINUTES_PER_SCRAPE - 1
+    end_of_second = 2 * MINUTES_PER_SCRAPE - 1
+    result = promtool_test(
+        [over, after],
+        [
+            (
+                end_of_first,
+                {
+                    "TalkerMemoryHigh": [{**base, "instance": synthesize, "severity": warn}],
+                    "TalkerNotServing": [
+                        {**base, "instance": synthesize, "severity": severity("TalkerNotServing")}
+                    ],
+                    "TalkerRestarts": [],
+                    "TalkerProgramDown": [],
+                },
+            ),
+            (
+                end_of_second,
+                {
+                    "TalkerRestarts": [
+                        {
+                            **base,
+                            "instance": watchdog,
+                            "program": "synthesize",
+                            "reason": "not_serving",
+                            "severity": severity("TalkerRestarts"),
+                        },
+                        # A new process: its start time changed.
+                        {**base, "instance": synthesize, "severity": severity("TalkerRestarts")},
+                    ],
+                },
+            ),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -229,16 +229,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             if self.engine.cloner is not None
             else synthesize_pb2.VOICE_KIND_MATCHED
         )
-        base = self.engine.voice(self.settings.default_voice_id)
-        language = config.language or base.language
-        if kind == synthesize_pb2.VOICE_KIND_CLONED:
-            # Refused before the recording is analysed: no model, or not its language.
-            self.engine.require_cloner().language_code(language)
-        elif kind != synthesize_pb2.VOICE_KIND_MATCHED:
-            raise InvalidInput(
-                "kind must be VOICE_KIND_MATCHED or VOICE_KIND_CLONED (or unset); built-in "
-                "voices are added as files to the voices folder."
-            )
+        # The caller's own answer first: before any check of what this server can do.
         required = self.settings.require_consent
         if not config.consent and (
             required == "all" or (required == "cloned" and kind == synthesize_pb2.VOICE_KIND_CLONED)
@@ -248,6 +239,16 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 f"This server makes {what} voices only with the speaker's consent: set "
                 "`consent` (`talker voices add ... --consent`) once the recorded person has "
                 "agreed to have their voice reproduced."
+            )
+        base = self.engine.voice(self.settings.default_voice_id)
+        language = config.language or base.language
+        if kind == synthesize_pb2.VOICE_KIND_CLONED:
+            # Refused before the recording is analysed: no model, or not its language.
+            self.engine.require_cloner().language_code(language)
+        elif kind != synthesize_pb2.VOICE_KIND_MATCHED:
+            raise InvalidInput(
+                "kind must be VOICE_KIND_MATCHED or VOICE_KIND_CLONED (or unset); built-in "
+                "voices are added as files to the voices folder."
             )
         fmt = config.format
         audio, rate_hz = decode_clip(
