@@ -108,7 +108,7 @@ class WorkerSettings(ServiceSettings):
         description="Port of the worker's grpc.health.v1 (for probes). 0 picks a free "
         "one: several workers run on one host under supervisord.",
     )
-    metrics_port: int = Field(  # type: ignore[assignment]
+    metrics_port: int = Field(
         default=0,
         ge=-1,
         le=65535,

@@ -60,8 +60,9 @@ class WatchdogSettings(ServiceSettings):
     startup_grace_s: float = Field(
         default=60.0,
         ge=0,
-        description="After a (re)start, a program that does not answer yet is still importing "
-        "and loading: no-answer probes are not counted for this long.",
+        description="After a (re)start, a program that does not answer yet is still importing, "
+        "and one that answers NOT_SERVING is still loading its model: neither is counted "
+        "for this long (NOT_SERVING then counts after `not_serving_grace_s`).",
     )
     not_serving_grace_s: float = Field(
         default=60.0,
@@ -167,8 +168,11 @@ class Watchdog:
             return
         status = probe(watch.address, self.settings.probe_timeout_s)
         PROBES.labels(watch.name, status).inc()
-        if status not in ("SERVING", "NOT_SERVING") and uptime_s < self.settings.startup_grace_s:
-            return  # still importing before its port is open
+        if status != "SERVING" and uptime_s < self.settings.startup_grace_s:
+            # Still importing before its port is open, or loading its model (a 0.5B
+            # chat model took 37 s on a busy 2-core host): not a failure yet.
+            watch.failures, watch.not_serving_since = 0, None
+            return
         if status == "SERVING":
             watch.failures, watch.not_serving_since = 0, None
             if watch.backoff_s and now - watch.last_restart > self.settings.backoff_max_s:
