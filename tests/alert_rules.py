@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -87,7 +88,13 @@ def promtool_test(
                     {
                         "eval_time": f"{minute}m",
                         "alertname": alertname,
-                        "exp_alerts": [{"exp_labels": labels} for labels in alerts],
+                        "exp_alerts": [
+                            {
+                                "exp_labels": labels,
+                                "exp_annotations": annotations(alertname, labels),
+                            }
+                            for labels in alerts
+                        ],
                     }
                     for minute, expected in checks
                     for alertname, alerts in sorted(expected.items())
@@ -100,6 +107,21 @@ def promtool_test(
     return subprocess.run(
         ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=120
     )
+
+
+def annotations(alertname: str, labels: dict[str, str]) -> dict[str, str]:
+    """The rule's annotations as Prometheus renders them for an alert with `labels`
+    (the rules use only `{{ $labels.NAME }}`)."""
+    rule = next(
+        rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if rule["alert"] == alertname
+    )
+    return {
+        key: re.sub(r"\{\{\s*\$labels\.(\w+)\s*\}\}", lambda m: labels.get(m[1], ""), text)
+        for key, text in rule.get("annotations", {}).items()
+    }
 
 
 def alert_names() -> list[str]:
