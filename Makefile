@@ -44,9 +44,11 @@ $(STAMP): pyproject.toml
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 
-# Go: Debian's gRPC-Go marshals through github.com/golang/protobuf, which must be
-# the 1.5 line (built on the APIv2 runtime the generated stubs use); apt replaces
-# the 1.3 line that golang-google-grpc-dev pulls in by default.
+# Go and Java clients are generated and built offline from Debian packages (the
+# tests build clients/go and clients/java). Go: Debian's gRPC-Go marshals through
+# github.com/golang/protobuf, which must be the 1.5 line (built on the APIv2
+# runtime the generated stubs use); apt replaces the 1.3 line that
+# golang-google-grpc-dev pulls in by default. Java: grpc-java 1.41 with netty.
 system-deps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
@@ -60,6 +62,13 @@ system-deps:
 	test -d /usr/share/gocode/src/google.golang.org/grpc || missing="$$missing golang-google-grpc-dev"; \
 	test -d /usr/share/gocode/src/google.golang.org/protobuf || missing="$$missing golang-google-protobuf-dev"; \
 	dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || missing="$$missing golang-github-golang-protobuf-1-5-dev"; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	command -v grpc_java_plugin >/dev/null || missing="$$missing protobuf-compiler-grpc-java-plugin"; \
+	for jar in grpc-netty:libgrpc-java protobuf:libprotobuf-java netty-codec-http2:libnetty-java \
+	    perfmark-api:libperfmark-java guava:libguava-java jsr305:libjsr305-java \
+	    geronimo-annotation-1.3-spec:libgeronimo-annotation-1.3-spec-java; do \
+	  test -f /usr/share/java/$${jar%%:*}.jar || missing="$$missing $${jar#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
