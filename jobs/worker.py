@@ -20,8 +20,10 @@ share a host, so each takes free ports (health and /metrics) and announces
 them in `$TALKER_VAR_DIR/run/workers/<supervisord name>.json`: the watchdog
 probes every worker found there like the other programs (and restarts a hung
 or NOT_SERVING one), and Prometheus reads the same folder's `*.targets.json`
-(file_sd). supervisord restarts a worker that exits; a worker that hangs loses
-its job to another after `claim_idle_s`.
+(file_sd). supervisord restarts a worker that exits; the watchdog kills one that
+hangs (its job goes to another after `claim_idle_s`) and restarts one that is
+NOT_SERVING past its grace (over its memory ceiling, or Redis away that long:
+harmless, the new worker reconnects the same way).
 
 Metrics: attempts by outcome, busy (1 while a job runs), and the queue as
 Redis holds it (read every `stats_interval_s`; every worker exports the same

@@ -1,5 +1,6 @@
-"""Health-driven restarts. Every `interval_s` each program is probed through
-grpc.health.v1 with a deadline. After `failures_to_restart` failures in a row
+"""Health-driven restarts. Every `interval_s` each program, and each render
+worker that announced itself in var/run/workers/ (jobs/worker.py), is probed
+through grpc.health.v1 with a deadline. After `failures_to_restart` failures in a row
 the watchdog acts through supervisord's XML-RPC interface:
 
 - no answer (hung, deadlocked, SIGSTOPped, port gone): SIGKILL, and
