@@ -18,7 +18,7 @@ import pytest
 
 from services.common.health_probe import probe
 from tests.alert_rules import MINUTES_PER_SCRAPE, promtool_test, scrape, severity
-from tests.processes import Supervisor
+from tests.processes import Supervisor, assert_logs_are_json
 
 STARTUP_GRACE_S = 45
 # Longer than a restart cycle (startup grace + not-serving grace + probes), so a
@@ -49,6 +49,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
         yield supervisor
     finally:
         supervisor.stop()
+    # Kills, restarts and all: every line every program logged is JSON.
+    assert_logs_are_json(supervisor.var_dir)
 
 
 def pid(supervisor: Supervisor, program: str) -> int:
