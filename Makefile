@@ -13,7 +13,7 @@ export TALKER_JOBS_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 SUPERVISOR_CONF := $(ROOT)/supervisor/supervisord.conf
-SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF) -s unix://$(TALKER_VAR_DIR)/run/supervisor.sock
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROTOS := $(wildcard protos/talker/v1/*.proto)
 GEN := gen/talker/v1

@@ -64,7 +64,12 @@ class Supervisor:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(VENV_BIN / "supervisorctl"), "-c", str(SUPERVISOR_CONF), *args],
+            [
+                str(VENV_BIN / "supervisorctl"),
+                *("-c", str(SUPERVISOR_CONF)),
+                *("-s", f"unix://{self.var_dir / 'run' / 'supervisor.sock'}"),
+                *args,
+            ],
             env=self.env,
             capture_output=True,
             text=True,

@@ -7,6 +7,7 @@ every other system test), the session's log check finds every line JSON."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,11 @@ def test_the_readme_marks_its_live_blocks() -> None:
 
 def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: Path) -> None:
     # The blocks run from a checkout-shaped folder whose var/ is the test system's.
-    for name in (".venv", "Makefile", "supervisor"):
+    for name in (".venv", "Makefile"):
         (tmp_path / name).symlink_to(REPO / name)
+    # A copy, not a link: supervisorctl finds the socket at supervisor/../var, which
+    # through a link would lead back to the repository's own var/.
+    shutil.copytree(REPO / "supervisor", tmp_path / "supervisor")
     (tmp_path / "var").symlink_to(system.var_dir)
     subprocess.run(
         [sys.executable, "-m", "gateway.samples", str(system.var_dir / "samples")],
