@@ -13,7 +13,7 @@ export TALKER_JOBS_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 SUPERVISOR_CONF := $(ROOT)/supervisor/supervisord.conf
-SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF) -s unix://$(TALKER_VAR_DIR)/run/supervisor.sock
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROTOS := $(wildcard protos/talker/v1/*.proto)
 GEN := gen/talker/v1
@@ -48,12 +48,31 @@ $(STAMP): pyproject.toml
 	echo "$(ROOT)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/talker-generated.pth
 	touch $@
 
+# Go and Java clients are generated and built offline from Debian packages (the
+# tests build clients/go and clients/java). Go: Debian's gRPC-Go marshals through
+# github.com/golang/protobuf, which must be the 1.5 line (built on the APIv2
+# runtime the generated stubs use); apt replaces the 1.3 line that
+# golang-google-grpc-dev pulls in by default. Java: grpc-java 1.41 with netty.
 system-deps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	command -v protoc-gen-go >/dev/null || missing="$$missing protoc-gen-go"; \
+	command -v protoc-gen-go-grpc >/dev/null || missing="$$missing protoc-gen-go-grpc"; \
+	test -d /usr/share/gocode/src/google.golang.org/grpc || missing="$$missing golang-google-grpc-dev"; \
+	test -d /usr/share/gocode/src/google.golang.org/protobuf || missing="$$missing golang-google-protobuf-dev"; \
+	dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || missing="$$missing golang-github-golang-protobuf-1-5-dev"; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	command -v grpc_java_plugin >/dev/null || missing="$$missing protobuf-compiler-grpc-java-plugin"; \
+	for jar in grpc-netty:libgrpc-java protobuf:libprotobuf-java netty-codec-http2:libnetty-java \
+	    perfmark-api:libperfmark-java guava:libguava-java jsr305:libjsr305-java \
+	    geronimo-annotation-1.3-spec:libgeronimo-annotation-1.3-spec-java; do \
+	  test -f /usr/share/java/$${jar%%:*}.jar || missing="$$missing $${jar#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -78,7 +97,7 @@ $(GEN)/.stamp: $(PROTOS) $(STAMP)
 
 proto: $(GEN)/.stamp
 
-SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav
+SAMPLES := $(TALKER_VAR_DIR)/samples/question.wav $(TALKER_VAR_DIR)/samples/voice.wav
 
 $(SAMPLES): $(STAMP)
 	$(PY) -m gateway.samples $(TALKER_VAR_DIR)/samples
@@ -93,7 +112,7 @@ setup: $(STAMP) proto $(SAMPLES) $(CHAT_MODEL)
 
 # ---- running ----------------------------------------------------------------
 run: setup system-deps
-	@mkdir -p $(TALKER_VAR_DIR)/log $(TALKER_VAR_DIR)/run
+	@mkdir -p $(TALKER_VAR_DIR)/log/supervisor $(TALKER_VAR_DIR)/run
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 	  echo "supervisord is running: updating programs"; $(SUPERVISORCTL) update; $(SUPERVISORCTL) start talker:*; \
 	else \

@@ -314,10 +314,39 @@ def cmd_voices(args: argparse.Namespace) -> None:
             for offset in range(0, len(data), 64 * 1024):
                 yield synthesize_pb2.CreateVoiceRequest(audio=data[offset : offset + 64 * 1024])
 
-        voice = stub.CreateVoice(requests(), timeout=300).voice
+        voice = create_voice_with_progress(stub, requests(), len(data))
         print(f"created {voice.voice_id} ({voice.display_name})")
         for warning in voice.quality.warnings:
             print(f"warning: {warning}")
+
+
+def create_voice_with_progress(
+    stub: synthesize_pb2_grpc.SynthesizeServiceStub,
+    requests: Iterator[synthesize_pb2.CreateVoiceRequest],
+    size: int,
+) -> synthesize_pb2.Voice:
+    """CreateVoice with what is happening on stderr: the upload by bytes, then the
+    seconds spent measuring and matching (a 30 s reference takes a minute or more on
+    a small CPU; silence that long looks like a hang)."""
+    # One line on stderr: a bar by bytes while uploading, then the same line names
+    # the server's step and counts the seconds (tqdm's elapsed time).
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="uploading", leave=False)
+
+    def counted() -> Iterator[synthesize_pb2.CreateVoiceRequest]:
+        for request in requests:
+            bar.update(len(request.audio))
+            yield request
+        bar.set_description("checking the recording and making the voice")
+
+    call = stub.CreateVoice.future(counted(), timeout=300)
+    try:
+        while True:
+            try:
+                return call.result(timeout=0.5).voice
+            except grpc.FutureTimeoutError:
+                bar.refresh()
+    finally:
+        bar.close()
 
 
 def cmd_avatars(args: argparse.Namespace) -> None:
@@ -343,13 +372,21 @@ def cmd_avatars(args: argparse.Namespace) -> None:
 
 
 def cmd_health(args: argparse.Namespace) -> None:
+    """Every program on this host; with --gateway (or --synthesize / --animate),
+    the one(s) named. The gateway's `talker.v1.TalkerService` status is SERVING only
+    while every stage behind it is, so a remote gateway's answer covers its stages."""
     from services.common.health_probe import probe
 
+    named = {"gateway": args.gateway, "synthesize": args.synthesize, "animate": args.animate}
+    chosen = {name: address for name, address in named.items() if address}
+    if not chosen:
+        chosen = {program: address_of(program) for program in PROGRAMS}
     failed = 0
-    for program in PROGRAMS:
-        status = probe(address_of(program), timeout_s=2)
+    for program, address in chosen.items():
+        service = "talker.v1.TalkerService" if program == "gateway" else ""
+        status = probe(address, timeout_s=2, service=service)
         failed += status != "SERVING"
-        print(f"{program:<12} {address_of(program):<22} {status}")
+        print(f"{program:<12} {address:<22} {status}")
     if failed:
         raise CliError(f"{failed} program(s) not SERVING; `make logs` shows why.")
 

@@ -1,6 +1,7 @@
-"""The bundled sample: a spoken question (Piper's joe voice) and a portrait
-(skimage's astronaut), made at setup so a fresh machine can turn them into an
-answer video with one command. `python -m gateway.samples FOLDER`."""
+"""The bundled samples, made at setup so a fresh machine can run the README's
+commands as they are written: a spoken question (Piper's joe voice), a portrait
+(skimage's astronaut) and a reference recording of about 15 s for
+`talker voices add`. `python -m gateway.samples FOLDER`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from pathlib import Path
 import numpy as np
 
 QUESTION = "What is the capital of France?"
+# Long enough for CreateVoice's quality gate (10 s of speech at least).
+REFERENCE = (
+    "Good morning. My name is Joe, and this is a short recording of my voice. "
+    "I read it slowly, in a quiet room, so that every word is clear. "
+    "The weather today is mild, the trains run on time, and the coffee is hot. "
+    "Tomorrow I will walk to the old harbour and watch the boats come in."
+)
 
 
 def spoken_question(text: str = QUESTION) -> bytes:
@@ -42,7 +50,12 @@ def portrait() -> bytes:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "var/samples")
     folder.mkdir(parents=True, exist_ok=True)
-    for name, make in (("question.wav", spoken_question), ("portrait.png", portrait)):
+    samples = (
+        ("question.wav", spoken_question),
+        ("portrait.png", portrait),
+        ("voice.wav", lambda: spoken_question(REFERENCE)),
+    )
+    for name, make in samples:
         path = folder / name
         if not path.exists():
             partial = path.with_name(f".{name}.partial")

@@ -108,6 +108,20 @@ class WorkerSettings(ServiceSettings):
         description="Port of the worker's grpc.health.v1 (for probes). 0 picks a free "
         "one: several workers run on one host under supervisord.",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=-1,
+        le=65535,
+        description="Port of the worker's /metrics. 0 picks a free one, announced in "
+        "$TALKER_VAR_DIR/run/workers/ for Prometheus (file_sd); -1 turns it off.",
+    )
+    stats_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the worker reads the queue's depth, ages and failed list "
+        "from Redis for its metrics.",
+    )
     grace_period_s: float = Field(
         default=30.0,
         ge=0,

@@ -329,6 +329,14 @@ class Lease:
     job: JobRecord = field(repr=False)
 
 
+@dataclass
+class QueueStats:
+    failed: int
+    waiting: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+    oldest_waiting_s: dict[str, float] = field(default_factory=dict)
+
+
 class JobQueue:
     """The queue as the gateway (submit, get, list, cancel) and workers (take,
     renew, finish) use it. Redis errors (ConnectionError, TimeoutError) pass
@@ -483,6 +491,32 @@ class JobQueue:
         return await self.get(job_id)
 
     # ---- the workers' side ----------------------------------------------------
+    async def stats(self) -> QueueStats:
+        """What the queue holds now, for the metrics: per priority the entries
+        no worker has read yet, the entries being run, and the age of the
+        oldest unread one; and the failed list's length."""
+        stats = QueueStats(failed=int(await self.redis.llen(self.failed_key)))
+        for priority, stream in self.streams.items():
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:  # no stream yet: nothing submitted
+                groups = []
+            # redis-py: str keys, bytes values.
+            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            running = int(group["pending"]) if group else 0
+            after = group["last-delivered-id"].decode() if group else "0-0"
+            unread = await self.redis.xrange(stream, min=f"({after}", max="+", count=1)
+            # XLEN counts read and unread entries; entries leave when a job ends.
+            waiting = max(0, int(await self.redis.xlen(stream)) - running)
+            oldest_s = 0.0
+            if unread and waiting:
+                entry_ms = int(unread[0][0].split(b"-")[0])
+                oldest_s = max(0.0, (now_ms() - entry_ms) / 1000)
+            stats.waiting[priority] = waiting
+            stats.running[priority] = running
+            stats.oldest_waiting_s[priority] = oldest_s
+        return stats
+
     async def ensure_groups(self) -> None:
         for stream in self.streams.values():
             try:

@@ -15,28 +15,39 @@ SubmitRender through every attempt to the archive record.
 Liveness: the worker serves grpc.health.v1 (on a free port unless
 TALKER_WORKER_PORT is set; Kubernetes probes it). It is SERVING while its loop
 runs and NOT_SERVING while Redis cannot be reached. A stage that is down is
-not the worker's fault: it waits (taking no job) and stays SERVING. It is not
-in services.common.programs.PROGRAMS: the watchdog and `make run` probe fixed
-ports, and several workers share a host. On one host supervisord restarts a
-worker that exits; a worker that hangs loses its job to another after
-`claim_idle_s`."""
+not the worker's fault: it waits (taking no job) and stays SERVING. Several workers
+share a host, so each takes free ports (health and /metrics) and announces
+them in `$TALKER_VAR_DIR/run/workers/<supervisord name>.json`: the watchdog
+probes every worker found there like the other programs (and restarts a hung
+or NOT_SERVING one), and Prometheus reads the same folder's `*.targets.json`
+(file_sd). supervisord restarts a worker that exits; the watchdog kills one that
+hangs (its job goes to another after `claim_idle_s`) and restarts one that is
+NOT_SERVING past its grace (over its memory ceiling, or Redis away that long:
+harmless, the new worker reconnects the same way).
+
+Metrics: attempts by outcome, busy (1 while a job runs), and the queue as
+Redis holds it (read every `stats_interval_s`; every worker exports the same
+values, so take `max` across workers): waiting and running entries and the
+age of the oldest waiting one per priority, the failed list's length."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -65,6 +76,17 @@ JOB_SECONDS = Histogram(
     ["step"],
     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
 )
+BUSY = Gauge("talker_worker_busy", "1 while this worker runs a job, 0 while it is idle.")
+QUEUE_WAITING = Gauge(
+    "talker_jobs_queue_depth", "Jobs waiting for a worker, by priority.", ["priority"]
+)
+QUEUE_RUNNING = Gauge("talker_jobs_running", "Jobs being run, by priority.", ["priority"])
+OLDEST_WAITING = Gauge(
+    "talker_jobs_oldest_waiting_seconds",
+    "Age of the oldest job no worker has taken yet, by priority; 0 when none waits.",
+    ["priority"],
+)
+FAILED_LIST = Gauge("talker_jobs_failed_list_length", "Jobs on the failed list (attempts used up).")
 T = TypeVar("T")
 
 
@@ -94,6 +116,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.stop_deadline = float("inf")
         self._loop_task: asyncio.Task[None] | None = None
+        self.announced: list[Path] = []
 
     # ---- lifecycle ------------------------------------------------------------
     def begin(self, program: GrpcProgram) -> None:
@@ -119,7 +142,71 @@ class Worker:
             await self.program.set_condition("redis", down)
 
     # ---- the loop -------------------------------------------------------------
+    async def _announce(self) -> None:
+        """Free ports for health and /metrics, written where the watchdog and
+        Prometheus look (see the module's doc). Outside supervisord: nothing to announce."""
+        assert self.program is not None
+        # The port is bound by GrpcProgram.start right after the servicers are added;
+        # it has no event to wait on, and this runs once.
+        while not self.program.port:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        metrics_port = self.settings.metrics_port
+        if metrics_port == 0:  # a fixed port was started by the runtime already
+            server, _thread = start_http_server(0, addr=self.settings.host)
+            metrics_port = int(server.server_port)
+        process = os.environ.get("SUPERVISOR_PROCESS_NAME")
+        if not process:
+            return
+        group = os.environ.get("SUPERVISOR_GROUP_NAME", process)
+        folder = self.settings.var_dir / "run" / "workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.announced = [folder / f"{process}.json", folder / f"{process}.targets.json"]
+        entry = {
+            "supervisor_name": f"{group}:{process}",
+            "program": process,
+            "pid": os.getpid(),
+            "address": f"{host}:{self.program.port}",
+            "metrics_address": f"{host}:{metrics_port}" if metrics_port >= 0 else "",
+        }
+        targets = (
+            [{"targets": [entry["metrics_address"]], "labels": {"program": process}}]
+            if metrics_port >= 0
+            else []
+        )
+        for path, content in zip(self.announced, (entry, targets), strict=True):
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(json.dumps(content))
+            os.replace(partial, path)
+        log.info("announced", extra={"announced": entry})
+
+    async def _export_queue_stats(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                stats = await self.queue.stats()
+            except REDIS_ERRORS:
+                pass  # the job loop reports it; the gauges keep their last values
+            except Exception:  # metrics must never end the worker
+                log.exception("reading the queue's statistics failed")
+            else:
+                FAILED_LIST.set(stats.failed)
+                for priority, waiting in stats.waiting.items():
+                    QUEUE_WAITING.labels(priority).set(waiting)
+                    QUEUE_RUNNING.labels(priority).set(stats.running[priority])
+                    OLDEST_WAITING.labels(priority).set(stats.oldest_waiting_s[priority])
+            await self._pause(self.settings.stats_interval_s)
+
     async def run(self) -> None:
+        await self._announce()
+        stats_task = asyncio.create_task(self._export_queue_stats(), name="queue-stats")
+        try:
+            await self._run()
+        finally:
+            stats_task.cancel()
+            for path in self.announced:
+                path.unlink(missing_ok=True)
+
+    async def _run(self) -> None:
         log.info(
             "worker started",
             extra={"worker": self.name, "redis": self.queue.address, "priorities": "high,normal"},
@@ -214,6 +301,8 @@ class Worker:
                 },
             )
             attempt = asyncio.create_task(self.render(lease))
+            BUSY.set(1)
+            attempt.add_done_callback(lambda _attempt: BUSY.set(0))
             verdict = await self._renew_while(attempt, lease)
             if verdict != "ok":
                 ATTEMPTS.labels(verdict).inc()

@@ -279,3 +279,38 @@ def test_jobs_survive_a_kill_9_of_redis(redis_server: RedisProcess) -> None:
         await queue.close()
 
     asyncio.run(after())
+
+
+def test_queue_statistics_follow_waiting_running_and_failed_jobs(
+    redis_server: RedisProcess,
+) -> None:
+    """What the workers export as metrics: depth and oldest age per priority,
+    running entries, the failed list's length."""
+
+    async def run() -> None:
+        queue = make_queue(redis_server, max_attempts=1)
+        await queue.ensure_groups()
+        empty = await queue.stats()
+        assert empty.waiting == {"high": 0, "normal": 0} and empty.failed == 0
+        assert empty.oldest_waiting_s == {"high": 0.0, "normal": 0.0}
+        await queue.submit(spec("normal"))
+        await queue.submit(spec("normal"))
+        await queue.submit(spec("high"))
+        await asyncio.sleep(0.3)
+        stats = await queue.stats()
+        assert stats.waiting == {"high": 1, "normal": 2}
+        assert stats.running == {"high": 0, "normal": 0}
+        assert stats.oldest_waiting_s["normal"] >= 0.25
+        delivery = await queue.next_delivery("w1", 100)  # the high one
+        assert delivery is not None
+        stats = await queue.stats()
+        assert stats.waiting == {"high": 0, "normal": 2} and stats.running["high"] == 1
+        assert stats.oldest_waiting_s["high"] == 0.0
+        _outcome, lease = await queue.start(delivery, "w1")
+        assert lease is not None
+        assert await queue.fail(lease, "animate", 5, "No avatar.") == FAILED
+        stats = await queue.stats()
+        assert stats.running["high"] == 0 and stats.failed == 1
+        await queue.close()
+
+    asyncio.run(run())

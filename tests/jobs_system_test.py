@@ -25,7 +25,7 @@ from PIL import Image
 from skimage import data
 
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2, talker_pb2, talker_pb2_grpc
-from tests.processes import VENV_BIN, Supervisor
+from tests.processes import VENV_BIN, Supervisor, assert_logs_are_json
 from tests.speech import piper_speech, to_wav
 
 pytestmark = pytest.mark.skipif(
@@ -68,6 +68,8 @@ def jobs_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor
         yield supervisor
     finally:
         supervisor.stop()
+    # Kills, restarts and all: every line every program logged is JSON.
+    assert_logs_are_json(supervisor.var_dir)
 
 
 @pytest.fixture(scope="module")

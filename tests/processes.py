@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -53,7 +54,7 @@ class Supervisor:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        (self.var_dir / "log").mkdir(parents=True, exist_ok=True)
+        (self.var_dir / "log" / "supervisor").mkdir(parents=True, exist_ok=True)
         (self.var_dir / "run").mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [str(VENV_BIN / "supervisord"), "-n", "-c", str(SUPERVISOR_CONF)],
@@ -63,7 +64,12 @@ class Supervisor:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(VENV_BIN / "supervisorctl"), "-c", str(SUPERVISOR_CONF), *args],
+            [
+                str(VENV_BIN / "supervisorctl"),
+                *("-c", str(SUPERVISOR_CONF)),
+                *("-s", f"unix://{self.var_dir / 'run' / 'supervisor.sock'}"),
+                *args,
+            ],
             env=self.env,
             capture_output=True,
             text=True,
@@ -99,11 +105,31 @@ class Supervisor:
             self.process.wait()
 
 
+def lines_not_json(var_dir: Path) -> list[str]:
+    """Every line of every program log (var/log/*.log, rotated files too) that is not
+    one JSON object: what a log shipper parsing each line would choke on."""
+    bad = []
+    for path in sorted((var_dir / "log").glob("*.log*")):
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                if not isinstance(json.loads(line), dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                bad.append(f"{path.name}:{number}: {line[:300]}")
+    return bad
+
+
+def assert_logs_are_json(var_dir: Path) -> None:
+    bad = lines_not_json(var_dir)
+    assert not bad, f"{len(bad)} log lines are not JSON:\n" + "\n".join(bad[:40])
+
+
 @contextmanager
 def serving_system(
     var_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 240
 ) -> Iterator[Supervisor]:
-    """Every program under the project's real supervisord, all SERVING; stopped after."""
+    """Every program under the project's real supervisord, all SERVING; stopped after.
+    When the body did not fail, every line every program logged must be JSON."""
     supervisor = Supervisor(var_dir, env)
     supervisor.start()
     try:
@@ -112,6 +138,7 @@ def serving_system(
         yield supervisor
     finally:
         supervisor.stop()
+    assert_logs_are_json(var_dir)
 
 
 class InProcessServer:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.alert_rules import metrics_targets
 from tests.processes import REPO, free_port
 
 CONFIG = REPO / "supervisor" / "prometheus.yml"
@@ -22,14 +23,19 @@ def test_promtool_accepts_the_config_and_rules() -> None:
         ["promtool", "check", "config", str(CONFIG)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout + result.stderr
 
 
 def test_real_prometheus_scrapes_every_program_as_up(system, tmp_path: Path) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     config["global"]["scrape_interval"] = "1s"
-    targets = [f"127.0.0.1:{port}" for port in system.metrics_ports.values()]
-    config["scrape_configs"][0]["static_configs"][0]["targets"] = targets
+    fixed = [f"127.0.0.1:{port}" for port in system.metrics_ports.values()]
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = fixed
+    # The workers, through the files they announce themselves in (file_sd).
+    announced = str(system.var_dir / "run" / "workers" / "*.targets.json")
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [announced]
+    targets = list(metrics_targets(system).values())
+    assert len(targets) > len(fixed), "no worker announced its /metrics"
     shutil.copy(CONFIG.parent / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()

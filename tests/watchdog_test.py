@@ -1,5 +1,7 @@
 """The watchdog under the real supervisord: a hung program (SIGSTOP, port
-still open) and a program over its memory ceiling are restarted."""
+still open) and a program over its memory ceiling are restarted; the alert
+rules, fed with what that system exports, fire for the ceiling and then for
+the restart."""
 
 from __future__ import annotations
 
@@ -10,11 +12,18 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 from services.common.health_probe import probe
-from tests.processes import Supervisor
+from tests.alert_rules import MINUTES_PER_SCRAPE, promtool_test, scrape, severity
+from tests.processes import Supervisor, assert_logs_are_json
+
+STARTUP_GRACE_S = 45
+# Well past a restart cycle (startup grace + not-serving grace + probes: 50-60 s
+# on a busy host), so a program that stays over its ceiling meets the backoff.
+BACKOFF_S = 100
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +34,10 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
             "TALKER_WATCHDOG_INTERVAL_S": "1",
             "TALKER_WATCHDOG_PROBE_TIMEOUT_S": "1",
             "TALKER_WATCHDOG_NOT_SERVING_GRACE_S": "2",
-            "TALKER_WATCHDOG_BACKOFF_INITIAL_S": "20",
-            "TALKER_WATCHDOG_STARTUP_GRACE_S": "20",
+            "TALKER_WATCHDOG_BACKOFF_INITIAL_S": str(BACKOFF_S),
+            # Long enough for chat to load its model on a busy host (NOT_SERVING while
+            # loading is not counted within it); synthesize is restarted after it.
+            "TALKER_WATCHDOG_STARTUP_GRACE_S": str(STARTUP_GRACE_S),
             # Far below what the voice models need: synthesize is over it as soon as it loads.
             "TALKER_SYNTHESIZE_MEMORY_LIMIT_MB": "100",
         },
@@ -38,6 +49,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
         yield supervisor
     finally:
         supervisor.stop()
+    # Kills, restarts and all: every line every program logged is JSON.
+    assert_logs_are_json(supervisor.var_dir)
 
 
 def pid(supervisor: Supervisor, program: str) -> int:
@@ -57,7 +70,8 @@ def uptime_s(supervisor: Supervisor, program: str) -> int:
 
 def test_hung_program_is_killed_and_comes_back(watched: Supervisor) -> None:
     address = watched.addresses["asr"]
-    while uptime_s(watched, "asr") <= 21:  # past the startup grace: silence now means hung
+    # Past the startup grace: silence now means hung.
+    while uptime_s(watched, "asr") <= STARTUP_GRACE_S + 1:
         time.sleep(0.5)
     hung = pid(watched, "asr")
     os.kill(hung, signal.SIGSTOP)
@@ -74,7 +88,7 @@ def test_hung_program_is_killed_and_comes_back(watched: Supervisor) -> None:
 def test_program_over_its_memory_ceiling_reports_not_serving_and_is_restarted(
     watched: Supervisor,
 ) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + STARTUP_GRACE_S + 120
     while not any(
         e["program"] == "synthesize" for e in watchdog_events(watched, "restarting program")
     ):
@@ -94,8 +108,8 @@ def test_program_over_its_memory_ceiling_reports_not_serving_and_is_restarted(
 
 def test_crash_loop_is_rate_limited(watched: Supervisor) -> None:
     # synthesize stays over its ceiling after every restart: the next restart is
-    # held back for the backoff (20 s here) instead of following at once.
-    deadline = time.monotonic() + 60
+    # held back for the backoff instead of following at once.
+    deadline = time.monotonic() + BACKOFF_S + STARTUP_GRACE_S
     while not watchdog_events(watched, "restart held back by backoff"):
         assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
         time.sleep(0.5)
@@ -108,4 +122,86 @@ def test_crash_loop_is_rate_limited(watched: Supervisor) -> None:
     # together than the backoff (the watchdog's own log times, not the test's clock).
     assert restarts
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(restarts)]
-    assert all(gap >= 19.5 for gap in gaps), gaps
+    assert all(gap >= BACKOFF_S - 0.5 for gap in gaps), gaps
+
+
+def test_alerts_fire_for_the_memory_ceiling_and_then_the_restart(
+    watched: Supervisor, tmp_path: Path
+) -> None:
+    synthesize = f"127.0.0.1:{watched.metrics_ports['synthesize']}"
+    watchdog = f"127.0.0.1:{watched.metrics_ports['watchdog']}"
+    targets = {"synthesize": synthesize, "watchdog": watchdog}
+
+    def restarts(series: dict[str, float]) -> float:
+        return sum(
+            value
+            for key, value in series.items()
+            if key.startswith("talker_watchdog_restarts_total{") and 'program="synthesize"' in key
+        )
+
+    def scrape_when(ready: bool, deadline_s: float = 120) -> dict[str, float]:
+        """A scrape of both, once synthesize answers, is (not) ready as asked and
+        is over 90% of its ceiling (not merely still importing)."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                series = scrape(targets)
+                labels = f'{{instance="{synthesize}",job="talker"}}'
+                rss = series.get(f"process_resident_memory_bytes{labels}", 0.0)
+                limit = series.get(f"talker_memory_limit_bytes{labels}", 0.0)
+                over_ceiling = limit > 0 and rss > 0.9 * limit
+                if series.get(f"talker_ready{labels}") == (1.0 if ready else 0.0) and over_ceiling:
+                    return series
+            except OSError:
+                pass  # restarting: its /metrics is not up yet
+            assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+            time.sleep(0.5)
+
+    # Loaded and over its ceiling (100 MiB): NOT_SERVING, its RSS above 90% of it.
+    over = scrape_when(ready=False)
+    first_pid = pid(watched, "synthesize")
+    # The watchdog restarts it again once the backoff has passed.
+    deadline = time.monotonic() + BACKOFF_S + STARTUP_GRACE_S + 60
+    while pid(watched, "synthesize") == first_pid:
+        assert time.monotonic() < deadline, watched.log("watchdog")[-2000:]
+        time.sleep(0.5)
+    after = scrape_when(ready=False)
+    assert restarts(after) > restarts(over)
+    base = {"job": "talker"}
+    warn = severity("TalkerMemoryHigh")
+    end_of_first = MINUTES_PER_SCRAPE - 1
+    end_of_second = 2 * MINUTES_PER_SCRAPE - 1
+    result = promtool_test(
+        [over, after],
+        [
+            (
+                end_of_first,
+                {
+                    "TalkerMemoryHigh": [{**base, "instance": synthesize, "severity": warn}],
+                    "TalkerNotServing": [
+                        {**base, "instance": synthesize, "severity": severity("TalkerNotServing")}
+                    ],
+                    "TalkerRestarts": [],
+                    "TalkerProgramDown": [],
+                },
+            ),
+            (
+                end_of_second,
+                {
+                    "TalkerRestarts": [
+                        {
+                            **base,
+                            "instance": watchdog,
+                            "program": "synthesize",
+                            "reason": "not_serving",
+                            "severity": severity("TalkerRestarts"),
+                        },
+                        # A new process: its start time changed.
+                        {**base, "instance": synthesize, "severity": severity("TalkerRestarts")},
+                    ],
+                },
+            ),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from services.common.errors import InvalidInput, LimitExceeded
+from services.common.errors import InvalidInput, LimitExceeded, plain
 
 with warnings.catch_warnings():  # face_recognition_models imports pkg_resources
     warnings.simplefilter("ignore")
@@ -100,7 +100,7 @@ class PortraitAnalyzer:
                     )
                 return np.asarray(image.convert("RGB"))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise InvalidInput(f"The bytes are not a readable image ({error}).") from None
+            raise InvalidInput(f"The bytes are not a readable image ({plain(error)}).") from None
 
     def analyze(self, rgb: np.ndarray) -> PortraitReport:
         height, width = rgb.shape[:2]

@@ -150,8 +150,11 @@ def _decode_container(data: bytes, encoding: int) -> tuple[np.ndarray, int]:
             check_channels(int(sound.channels))
             audio = sound.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        # libsndfile's own sentence, without soundfile's "Error opening <_io.BytesIO
+        # object at 0x...>:" prefix: callers never see Python internals.
+        reason = getattr(error, "error_string", "") or "not a readable file"
         raise InvalidInput(
-            f"The audio could not be read as a {expected} file ({error}). "
+            f"The audio could not be read as a {expected} file ({reason.rstrip('.')}). "
             "Check the bytes and the declared encoding."
         ) from None
     check_float_audio(audio, "the audio")

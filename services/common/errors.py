@@ -5,6 +5,8 @@ codes in one place (`STATUS_OF`)."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -50,3 +52,13 @@ def status_code_for(error: TalkerError) -> grpc.StatusCode:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return grpc.StatusCode.UNKNOWN
+
+
+# "<_io.BytesIO object at 0x7f...>": how libraries name an in-memory file in their messages.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def plain(error: BaseException) -> str:
+    """A library's error message fit for a caller: no object addresses, one line."""
+    text = " ".join(_OBJECT_REPR.sub("", str(error)).split())
+    return text.replace(" :", ":").strip(" .:") or type(error).__name__

@@ -57,7 +57,7 @@ QUEUE_DEPTH = Gauge("talker_queue_depth", "Work items waiting for a model, by qu
 
 def start_metrics_endpoint(host: str, port: int) -> int:
     """Serve /metrics on host:port in a background thread; returns the bound port."""
-    if port == 0:
+    if port <= 0:  # 0 (and a worker's -1): no endpoint here
         return 0
     server, _thread = start_http_server(port, addr=host)
     bound = int(server.server_port)

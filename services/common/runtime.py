@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -28,6 +28,7 @@ from services.common.logs import configure_logging
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger("talker.runtime")
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 # Above this share of its memory ceiling a program reports NOT_SERVING.
 MEMORY_HIGH_WATER = 0.9
@@ -90,7 +91,7 @@ class GrpcProgram:
         """Report SERVING / NOT_SERVING for the program and each of its services."""
         status = SERVING if serving and not self._conditions else NOT_SERVING
         self._ready = serving
-        metrics.READY.set(1 if serving else 0)
+        metrics.READY.set(1 if status == SERVING else 0)
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -113,6 +114,9 @@ class GrpcProgram:
         if not self._ready or bool(before) == bool(self._conditions):
             return  # loading or draining (NOT_SERVING already), or no change of status
         status = NOT_SERVING if self._conditions else SERVING
+        # talker_ready follows health: the not-serving alert must see a program over
+        # its memory ceiling or with a full queue, not only one still loading.
+        metrics.READY.set(1 if status == SERVING else 0)
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -121,7 +125,7 @@ class GrpcProgram:
 
     async def _watch_resources(self) -> None:
         """Memory ceiling (RSS) and GPU memory: over 90% of either, NOT_SERVING."""
-        limit = self.settings.memory_limit_mb * 2**20
+        limit = self.settings.memory_limit_bytes()
         metrics.MEMORY_LIMIT.set(limit)
         gpu = GpuMonitor()
         while True:
@@ -246,6 +250,17 @@ def _thread_ids() -> list[int]:
         return [0]
 
 
+def load_settings(settings_class: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
+    """`settings_class.load`, a refused setting logged as one record before the exit."""
+    try:
+        return settings_class.load(argv)
+    except SystemExit as error:
+        if isinstance(error.code, str):
+            log.critical(error.code)
+            raise SystemExit(2) from None
+        raise
+
+
 def run_program(
     settings_class: type[ServiceSettings],
     build: Callable[[Any], GrpcProgram],
@@ -253,8 +268,10 @@ def run_program(
 ) -> None:
     """Entry point of `python -m services.<name>`: settings from the environment
     and command-line flags, JSON logging, then serve until terminated."""
-    settings = settings_class.load(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings.program, settings.log_level)
+    # Logging first, so even a refused setting is a JSON line in the program's log.
+    configure_logging(settings_class.program)
+    settings = load_settings(settings_class, sys.argv[1:] if argv is None else argv)
+    logging.getLogger().setLevel(settings.log_level.upper())
     lower_cpu_priority(settings.cpu_niceness)
     program = build(settings)
     asyncio.run(program.run_until_terminated())

@@ -17,6 +17,28 @@ def default_var_dir() -> Path:
     return Path(os.environ.get("TALKER_VAR_DIR", "var")).resolve()
 
 
+def available_memory_bytes() -> int:
+    """The host's memory, or the cgroup's (v2, then v1) limit when that is lower."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a huge number (v1) means no limit.
+        if value.isdigit() and 0 < int(value) < total:
+            return int(value)
+    return total
+
+
 class ServiceSettings(BaseSettings):
     """Settings of one gRPC program. Subclasses set `model_config.env_prefix`."""
 
@@ -66,11 +88,21 @@ class ServiceSettings(BaseSettings):
         "more). On a small host, work that is ahead of the listener can yield to the "
         "stages a turn is waiting on.",
     )
-    memory_limit_mb: int = Field(
-        default=0,
+    memory_limit_mb: int | None = Field(
+        default=None,
         ge=0,
         description="Memory ceiling (RSS, MiB). Above 90% of it the program reports "
-        "NOT_SERVING and the watchdog restarts it once it has drained. 0 = no ceiling.",
+        "NOT_SERVING and the watchdog restarts it once it has drained. Unset: "
+        "`memory_limit_share` of the host's memory (or of the container's cgroup limit, "
+        "when lower). 0 = no ceiling.",
+    )
+    memory_limit_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="The default ceiling as a share of the host's (or cgroup's) memory. "
+        "Half: one program that grows past it is leaking, and is restarted before the "
+        "kernel's OOM killer picks a victim among all of them.",
     )
     var_dir: Path = Field(
         default_factory=default_var_dir,
@@ -84,6 +116,12 @@ class ServiceSettings(BaseSettings):
         description="Folder for derived model files that are slow to build and safe to "
         "delete (TALKER_CACHE_DIR is shared by all programs).",
     )
+
+    def memory_limit_bytes(self) -> int:
+        """The ceiling in bytes (0: none), see `memory_limit_mb`."""
+        if self.memory_limit_mb is not None:
+            return self.memory_limit_mb * 2**20
+        return int(available_memory_bytes() * self.memory_limit_share)
 
     def model_id(self) -> str:
         """The model this program serves with, as callers see it in the

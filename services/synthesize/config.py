@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -98,6 +98,12 @@ class SynthesizeSettings(ServiceSettings):
         "XTTS-v2) for neural voice cloning. Set: CreateVoice makes VOICE_KIND_CLONED voices "
         "(the default kind) and Synthesize streams them from XTTS. Unset: only "
         "VOICE_KIND_MATCHED voices, and coqui-tts is never imported.",
+    )
+    require_consent: Literal["cloned", "all", "none"] = Field(
+        default="cloned",
+        description="Which voices CreateVoice makes only with `consent` set (the caller "
+        "confirms the recorded speaker agreed): `cloned` (neural clones reproduce a "
+        "person's voice), `all` (matched voices too) or `none`. Refused: INVALID_ARGUMENT.",
     )
     coqui_stream_chunk_tokens: int = Field(
         default=20,

@@ -269,6 +269,17 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             if self.engine.cloner is not None
             else synthesize_pb2.VOICE_KIND_MATCHED
         )
+        # The caller's own answer first: before any check of what this server can do.
+        required = self.settings.require_consent
+        if not config.consent and (
+            required == "all" or (required == "cloned" and kind == synthesize_pb2.VOICE_KIND_CLONED)
+        ):
+            what = "cloned" if required == "cloned" else "new"
+            raise InvalidInput(
+                f"This server makes {what} voices only with the speaker's consent: set "
+                "`consent` (`talker voices add ... --consent`) once the recorded person has "
+                "agreed to have their voice reproduced."
+            )
         base = self.engine.voice(self.settings.default_voice_id)
         if config.language.lower().startswith("zh"):
             # A matched Mandarin voice is the Mandarin voice moved toward the speaker.

@@ -1,5 +1,6 @@
-"""Health-driven restarts. Every `interval_s` each program is probed through
-grpc.health.v1 with a deadline. After `failures_to_restart` failures in a row
+"""Health-driven restarts. Every `interval_s` each program, and each render
+worker that announced itself in var/run/workers/ (jobs/worker.py), is probed
+through grpc.health.v1 with a deadline. After `failures_to_restart` failures in a row
 the watchdog acts through supervisord's XML-RPC interface:
 
 - no answer (hung, deadlocked, SIGSTOPped, port gone): SIGKILL, and
@@ -14,6 +15,7 @@ loop does not spin; every action is logged and counted."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 import xmlrpc.client
@@ -27,8 +29,9 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from services.common.health_probe import probe
 from services.common.logs import configure_logging
-from services.common.metrics import start_metrics_endpoint
+from services.common.metrics import MEMORY_LIMIT, READY, start_metrics_endpoint
 from services.common.programs import PROGRAMS, program_settings
+from services.common.runtime import load_settings
 from services.common.settings import ServiceSettings
 from services.watchdog.cleanup import clean_cache
 
@@ -58,8 +61,9 @@ class WatchdogSettings(ServiceSettings):
     startup_grace_s: float = Field(
         default=60.0,
         ge=0,
-        description="After a (re)start, a program that does not answer yet is still importing "
-        "and loading: no-answer probes are not counted for this long.",
+        description="After a (re)start, a program that does not answer yet is still importing, "
+        "and one that answers NOT_SERVING is still loading its model: neither is counted "
+        "for this long (NOT_SERVING then counts after `not_serving_grace_s`).",
     )
     not_serving_grace_s: float = Field(
         default=60.0,
@@ -93,6 +97,10 @@ class WatchdogSettings(ServiceSettings):
 class ProgramWatch:
     name: str
     address: str
+    #: supervisord's "group:process" name of the program.
+    supervisor_name: str = ""
+    #: Workers: the pid that announced the address (a restarted worker announces anew).
+    pid: int = 0
     failures: int = 0
     not_serving_since: float | None = None
     next_restart_allowed: float = 0.0
@@ -109,27 +117,63 @@ class Watchdog:
         self.watches = []
         for name in programs:
             program = program_settings(name)
-            self.watches.append(ProgramWatch(name, f"{program.host}:{program.port}"))
+            self.watches.append(
+                ProgramWatch(name, f"{program.host}:{program.port}", f"{self.GROUP}:{name}")
+            )
+        self.workers: dict[str, ProgramWatch] = {}
+        self.workers_dir = settings.var_dir / "run" / "workers"
 
-    def state(self, name: str) -> tuple[str, float]:
+    def discover_workers(self) -> None:
+        """Render workers take free ports and announce them in var/run/workers/
+        (jobs/worker.py); a file of a worker that is gone is skipped by `check`
+        (supervisord does not report it RUNNING with that pid)."""
+        found: dict[str, ProgramWatch] = {}
+        for path in sorted(self.workers_dir.glob("*.json")):
+            if path.name.endswith(".targets.json"):
+                continue
+            try:
+                entry = json.loads(path.read_text())
+                name, address, pid = entry["program"], entry["address"], int(entry["pid"])
+                supervisor_name = entry["supervisor_name"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being written, or not ours
+            watch = self.workers.get(name)
+            if watch is None or watch.pid != pid or watch.address != address:
+                previous = watch
+                watch = ProgramWatch(name, address, supervisor_name, pid)
+                if previous is not None:  # keep the crash-loop backoff across restarts
+                    watch.backoff_s = previous.backoff_s
+                    watch.next_restart_allowed = previous.next_restart_allowed
+                    watch.last_restart = previous.last_restart
+            found[name] = watch
+        self.workers = found
+
+    def state(self, watch: ProgramWatch) -> tuple[str, float]:
         """supervisord's state name for the program and its uptime in seconds."""
         try:
-            info = self.supervisor.getProcessInfo(f"{self.GROUP}:{name}")
+            info = self.supervisor.getProcessInfo(watch.supervisor_name)
         except (xmlrpc.client.Fault, OSError) as error:
-            log.warning("supervisord did not answer", extra={"program": name, "error": str(error)})
+            log.warning(
+                "supervisord did not answer", extra={"program": watch.name, "error": str(error)}
+            )
             return "UNKNOWN", 0.0
+        if watch.pid and int(info.get("pid", 0)) != watch.pid:
+            return "RESTARTED", 0.0  # the announcing process is gone; its successor will announce
         return str(info["statename"]), float(info["now"] - info["start"])
 
     def check(self, watch: ProgramWatch, now: float) -> None:
-        state, uptime_s = self.state(watch.name)
+        state, uptime_s = self.state(watch)
         # Starting, backing off, stopped by an operator: supervisord's business, not ours.
         if state != "RUNNING":
             watch.failures, watch.not_serving_since = 0, None
             return
         status = probe(watch.address, self.settings.probe_timeout_s)
         PROBES.labels(watch.name, status).inc()
-        if status not in ("SERVING", "NOT_SERVING") and uptime_s < self.settings.startup_grace_s:
-            return  # still importing before its port is open
+        if status != "SERVING" and uptime_s < self.settings.startup_grace_s:
+            # Still importing before its port is open, or loading its model (a 0.5B
+            # chat model took 37 s on a busy 2-core host): not a failure yet.
+            watch.failures, watch.not_serving_since = 0, None
+            return
         if status == "SERVING":
             watch.failures, watch.not_serving_since = 0, None
             if watch.backoff_s and now - watch.last_restart > self.settings.backoff_max_s:
@@ -155,7 +199,7 @@ class Watchdog:
                 },
             )
             return
-        full_name = f"{self.GROUP}:{watch.name}"
+        full_name = watch.supervisor_name
         reason = "not_serving" if status == "NOT_SERVING" else "no_answer"
         log.error(
             "restarting program",
@@ -197,7 +241,8 @@ class Watchdog:
         next_clean = time.monotonic()
         while True:
             started = time.monotonic()
-            for watch in self.watches:
+            self.discover_workers()
+            for watch in [*self.watches, *self.workers.values()]:
                 self.check(watch, time.monotonic())
             if started >= next_clean:
                 self.clean()
@@ -216,7 +261,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("programs", nargs="*", default=list(PROGRAMS))
     args = parser.parse_args()
-    settings = WatchdogSettings.load()
-    configure_logging(settings.program, settings.log_level)
+    configure_logging(WatchdogSettings.program)
+    settings = load_settings(WatchdogSettings)
+    logging.getLogger().setLevel(settings.log_level.upper())
     start_metrics_endpoint(settings.host, settings.metrics_port)
+    # The watchdog is ready once its loop runs: without this its talker_ready
+    # stayed 0 and the not-serving alert fired on every healthy system.
+    READY.set(1)
+    MEMORY_LIMIT.set(settings.memory_limit_bytes())
     Watchdog(settings, supervisor_proxy(settings), args.programs).run_forever()
