@@ -136,10 +136,12 @@ def spoken_turns(stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str):  # ty
         rows,
     )
     audio_p50 = percentile(latencies["first audio chunk"], 50)
+    audio_p95 = percentile(latencies["first audio chunk"], 95)
     video_p50 = percentile(latencies["first video frame"], 50)
     print(
-        f"\ntargets: end of speech -> first audio {audio_p50:.0f} ms p50 (target < 800), "
-        f"-> first video frame {video_p50:.0f} ms p50 (target < 1000)"
+        f"\ntargets: end of speech -> first audio {audio_p50:.0f} ms p50 (target < 1000), "
+        f"{audio_p95:.0f} ms p95 (target < 1500); -> first video frame {video_p50:.0f} ms p50 "
+        "(target < 1100)"
     )
     return session
 
