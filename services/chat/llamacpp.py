@@ -81,7 +81,7 @@ class LlamaCppEngine:
                 n_ctx=self.settings.token_budget + 64,
                 n_batch=PROMPT_BATCH,
                 n_ubatch=PROMPT_BATCH,
-                n_threads=self.settings.threads,
+                n_threads=self.settings.decode_threads,
                 n_threads_batch=self.settings.threads,
                 verbose=False,
             )

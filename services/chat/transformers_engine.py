@@ -117,7 +117,7 @@ class TransformersEngine:
             run.reused_tokens = reused
             output = self.model(
                 input_ids=torch.tensor([ids[reused:]]),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -144,9 +144,7 @@ class TransformersEngine:
                     yield delta
                 if stop.is_set():
                     run.tokens_after_stop += 1
-                output = self.model(
-                    input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True
-                )
+                output = self.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
         run.text = self.tokenizer.decode(generated, skip_special_tokens=True)
         fed = ids + generated
         if session_key is not None and cache.get_seq_length() == len(fed):
