@@ -98,13 +98,15 @@ class ChatSettings(ServiceSettings):
         "threads on the transformers path): the host's cores.",
     )
     decode_threads: int = Field(
-        default=1,
+        default=2,
         ge=1,
         le=256,
-        description="CPU threads llama.cpp generates tokens with. 1: its threads wait for "
-        "each other at every step by spinning, so on 2 cores shared with speech synthesis "
-        "and animation 2 threads collapsed to 8.5 tok/s where 1 thread kept 39 "
-        "(measured here under load); alone on an idle host 2 threads are ~15% faster.",
+        description="CPU threads llama.cpp generates tokens with. llama.cpp's threads "
+        "spin-wait for each other at every step: with the host loaded by other work, "
+        "chat alone decoded at 8.5 tok/s on 2 threads and 39 on 1; yet in whole spoken "
+        "turns (python -m bench gateway, same load) 2 threads gave first audio 943 / 1399 "
+        "ms p50 / p95 and 1 thread 962 / 1687, so 2 stays the default. Try 1 on a host "
+        "busy with other programs.",
     )
     dtype: str = Field(
         default="auto",
