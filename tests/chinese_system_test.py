@@ -82,6 +82,14 @@ def test_a_spoken_chinese_question_gets_a_spoken_chinese_answer_and_video(system
     cer = character_error_rate([reply], [back.text])
     print(f"reply spoken and heard back: {back.text!r}, character error rate {cer:.2f}")
     assert cer <= 0.35, (reply, back.text)
+    # The lips follow the Mandarin voice's own syllable timings (pinyin), on the reply's timeline.
+    syllables = [
+        p for e in events if e.WhichOneof("event") == "reply_audio" for p in e.reply_audio.phonemes
+    ]
+    assert syllables and {p.notation for p in syllables} == {"pinyin"}, syllables[:3]
+    assert len(syllables) >= len([c for c in reply if "\u4e00" <= c <= "\u9fff"]) - 2
+    audio_ms = len(audio) // 2 * 1000 // 16000
+    assert syllables[-1].start_ms + syllables[-1].duration_ms <= audio_ms
     frames = [e for e in events if e.WhichOneof("event") == "video_frame"]
     assert frames and np.diff([f.video_frame.timestamp_ms for f in frames]).min() > 0
 

@@ -159,6 +159,36 @@ def test_audio_streams_clause_by_clause_at_the_requested_rate(tts) -> None:
     assert offsets == sorted(offsets) and offsets[0] == 0
 
 
+def test_the_stream_carries_pinyin_syllable_timings_for_the_lips(tts) -> None:
+    """Each clause's syllables ride on its first chunk, in pinyin, on the
+    stream's timeline (the second clause's after the first's audio), and
+    Animate turns them into mouth shapes."""
+    text = "妈妈不在家，爸爸买了面包。"
+    responses, _ = call(tts, text)
+    chunks = [r.chunk for r in responses if r.HasField("chunk")]
+    timings = [p for c in chunks for p in c.phonemes]
+    assert [p.phoneme for p in timings] == [
+        "ma1", "ma5", "bu4", "zai4", "jia1", "ba4", "ba5", "mai3", "le5", "mian4", "bao1",
+    ]  # fmt: skip
+    assert {p.notation for p in timings} == {"pinyin"}
+    starts = [p.start_ms for p in timings]
+    assert starts == sorted(starts) and starts[0] <= 20
+    # The second clause starts after the first clause's audio and its pause.
+    assert starts[5] >= starts[4] + timings[4].duration_ms + 100
+    heard_ms = len(pcm(responses)) * 1000 // 16_000
+    # The audio ends with the sentence's pause (0.3 s) after the breath-out.
+    assert heard_ms - 500 <= starts[-1] + timings[-1].duration_ms <= heard_ms - 300
+    for chunk in chunks:
+        if chunk.phonemes:  # a clause's timings come with its first audio
+            assert chunk.phonemes[0].start_ms >= chunk.offset_ms - 1
+    # Animate's own check and conversion (imported here: it pulls in the animator).
+    from services.animate.server import phoneme_spans
+    from services.animate.visemes import CLOSED
+
+    closed = [span for span in phoneme_spans(timings) if span.shape == CLOSED]
+    assert len(closed) == 8  # ma1 ma5 bu4 ba4 ba5 mai3 mian4 bao1
+
+
 def test_faster_speaking_rate_is_shorter(tts) -> None:
     normal, _ = call(tts, CHINESE_SENTENCES[2])
     fast, _ = call(tts, CHINESE_SENTENCES[2], speaking_rate=1.6)

@@ -2,7 +2,8 @@
 its audio; the audio-driven estimator closes the mouth on silence and on
 m/b/p; a Render with timings closes the lips on m/b/p frames as dlib sees
 them; renders are deterministic; pinyin maps onto the same shapes; bad
-timings are refused with a clear status."""
+timings are refused with a clear status; quiet o/u and e/i keep their lip
+width."""
 
 from __future__ import annotations
 
@@ -334,3 +335,30 @@ def test_live_animate_takes_timings_with_the_audio_or_ahead_of_it(animate, spoke
         list(stub.Animate(bad(), timeout=60))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "notation" in caught.value.details()
+
+
+def test_quiet_rounded_and_spread_sounds_keep_their_lip_width() -> None:
+    """Loudness scales the opening, not the lips' shape: a quiet o/u (-40 dB)
+    keeps lips narrower than a quiet e/i, as dlib sees them on the frames."""
+    from services.animate.animator import PortraitAnimator
+
+    portrait = data.astronaut()
+    analyzer = PortraitAnalyzer(PortraitLimits())
+    report = analyzer.analyze(portrait)
+    animator = PortraitAnimator(portrait, report.landmarks, FPS)
+    animator.add_spans([vz.Span(vz.ROUND, 0.0, 0.6), vz.Span(vz.WIDE, 0.6, 0.6)])
+    noise = np.random.default_rng(0).standard_normal(int(1.2 * 16_000)).astype(np.float32)
+    quiet = 10 ** (-40 / 20) * noise  # -40 dBFS: well below speech, above silence
+    frames = [frame for _, frame, _ in animator.frames_for(quiet, final=True)]
+    face = max(analyzer.detector(portrait, 1), key=lambda r: r.width())
+
+    def width(frame: np.ndarray) -> float:
+        shape = analyzer.predictor(frame, face)
+        return float(
+            np.hypot(shape.part(54).x - shape.part(48).x, shape.part(54).y - shape.part(48).y)
+        )
+
+    round_w = np.median([width(f) for f in frames[5:12]])
+    wide_w = np.median([width(f) for f in frames[20:27]])
+    print(f"quiet O/U : E/I width {round_w / wide_w:.3f}")
+    assert round_w / wide_w <= 0.85  # 0.78 measured; 0.89 when quiet lips went to rest

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -59,12 +59,21 @@ SHAPES: dict[int, ShapeSpec] = {
     # Pressed: the inner lips overlap a little, so no sliver of the inside shows.
     vz.CLOSED: ShapeSpec(gap=-0.03),
     vz.OPEN: ShapeSpec(gap=0.46, upper_share=0.15, width=-0.03, flat=0.45),
-    vz.WIDE: ShapeSpec(gap=0.21, upper_share=0.35, width=0.18, flat=0.85),
-    vz.ROUND: ShapeSpec(gap=0.25, upper_share=0.35, width=-0.40, pucker=0.04, flat=0.0),
+    # Spread and rounded lips differ in width by more than half (measured by
+    # dlib on the frames, blended with their neighbours, O/U/W comes out at
+    # ~0.85 of E/I).
+    vz.WIDE: ShapeSpec(gap=0.24, upper_share=0.35, width=0.24, flat=0.85),
+    vz.ROUND: ShapeSpec(gap=0.25, upper_share=0.35, width=-0.48, pucker=0.04, flat=0.0),
     vz.FV: ShapeSpec(gap=0.10, upper_share=0.8, tuck=0.05, flat=0.8),
-    vz.MID: ShapeSpec(gap=0.27, upper_share=0.25, width=0.0, flat=0.55),
+    vz.MID: ShapeSpec(gap=0.30, upper_share=0.25, width=0.0, flat=0.55),
 }
 OPENING_SHAPES = (vz.OPEN, vz.WIDE, vz.ROUND, vz.MID, vz.FV)
+# Two shapes of the rig only: round and spread lips with no opening. Loudness
+# scales how far the mouth opens, not how the lips round or spread, so a quiet
+# o/u/w (or e/i) keeps its narrow (or wide) lips and only closes the opening.
+ROUND_SHUT, WIDE_SHUT = vz.COUNT, vz.COUNT + 1
+SHUT_OF = {vz.ROUND: ROUND_SHUT, vz.WIDE: WIDE_SHUT}
+RIG_SHAPES = vz.COUNT + 2
 
 # Inner-lip pairs (upper, lower) with their place across the mouth (-1..1).
 PAIRS = ((61, 67, -0.5), (62, 66, 0.0), (63, 65, 0.5))
@@ -150,8 +159,10 @@ class PortraitAnimator:
         triangles = Delaunay(points).simplices
         self.shape_landmarks: dict[int, np.ndarray] = {}
         fields = []
-        for shape in range(vz.COUNT):
-            target = self._shape_landmarks(SHAPES[shape])
+        specs = [SHAPES[shape] for shape in range(vz.COUNT)]
+        specs += [replace(SHAPES[vz.ROUND], gap=0.0), replace(SHAPES[vz.WIDE], gap=0.0)]
+        for shape, spec in enumerate(specs):
+            target = self._shape_landmarks(spec)
             self.shape_landmarks[shape] = target
             moved = target - lm
             anchor_moves = np.array([rule(moved) for rule in anchor_rules])
@@ -443,11 +454,13 @@ class PortraitAnimator:
                 and (not self._stress_events or index - self._stress_events[-1] > 12)
             ):
                 self._stress_events.append(index)
-        weights = weights.copy()
-        # Quiet frames open less: the open shapes give part of their weight to rest.
-        opening = weights[list(OPENING_SHAPES)].sum()
-        weights[list(OPENING_SHAPES)] *= amount
-        weights[vz.REST] += (1 - amount) * opening
+        weights = np.concatenate([weights, np.zeros(RIG_SHAPES - vz.COUNT, weights.dtype)])
+        # Quiet frames open less: the open shapes give part of their weight to
+        # rest (round and wide to their shut forms: the lips keep their shape).
+        for shape in OPENING_SHAPES:
+            share = (1 - amount) * weights[shape]
+            weights[shape] -= share
+            weights[SHUT_OF.get(shape, vz.REST)] += share
         return weights, level
 
     def frames_for(
@@ -489,10 +502,12 @@ class PortraitAnimator:
         """The frame for shape weights (sum 1) and `idle`, how far the mouth has
         gone back to the portrait's own (0..1, after a while of silence);
         returns (RGB frame, lip gap / mouth width)."""
+        if len(weights) < RIG_SHAPES:  # the viseme weights alone: no shut forms
+            weights = np.pad(weights, (0, RIG_SHAPES - len(weights)))
         frame = self.portrait.copy()
         x0, y0, x1, y1 = self.roi
         field = np.zeros_like(self.fields[0])
-        for shape in range(vz.COUNT):
+        for shape in range(RIG_SHAPES):
             if weights[shape] > 1e-3:
                 field += weights[shape] * self.fields[shape]
         if idle > 0:
@@ -510,7 +525,7 @@ class PortraitAnimator:
             cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REPLICATE,
         )
-        inner = sum(weights[s] * self.shape_landmarks[s][60:68] for s in range(vz.COUNT))
+        inner = sum(weights[s] * self.shape_landmarks[s][60:68] for s in range(RIG_SHAPES))
         inner = (1 - idle) * np.asarray(inner) + idle * self.landmarks[60:68]
         gap = self._paint_mouth(frame, np.asarray(inner), weights, idle)
         return self._head_motion(frame), gap

@@ -431,7 +431,7 @@ class PiperEngine:
     ) -> Iterator[tuple[np.ndarray, bool]]:
         """(float32 audio at the voice's rate, ends a sentence). Piper gives a
         sentence at a time, the Mandarin voice a clause at a time. Blocking.
-        `timings` as for `synthesize` (Piper voices only)."""
+        `timings` as for `synthesize`."""
         if not voice.mandarin_speaker:
             for audio in self.synthesize(voice, text, speaking_rate, stop, timings):
                 yield audio, True
@@ -440,7 +440,7 @@ class PiperEngine:
         with voice.lock:
             started = time.perf_counter()
             for audio, ends_sentence in self.mandarin.synthesize(
-                text, voice.mandarin_speaker, speaking_rate, stop
+                text, voice.mandarin_speaker, speaking_rate, stop, timings
             ):
                 SENTENCE_SECONDS.observe(time.perf_counter() - started)
                 yield audio, ends_sentence
@@ -457,12 +457,11 @@ class PiperEngine:
         """Float32 audio at the voice's rate, one array per sentence (per clause
         for the Mandarin voice). Blocking. With `timings`, each Piper sentence's
         (phoneme, start s, duration s) is appended to it before its audio is
-        yielded (empty when the voice cannot report them; the Mandarin voice
-        reports none)."""
+        yielded (empty when the voice cannot report them). The Mandarin voice
+        reports pinyin syllables ("ma1"), one clause at a time, read off its
+        attention."""
         if voice.mandarin_speaker:
-            for audio, _ in self.synthesize_marked(voice, text, speaking_rate, stop):
-                if timings is not None:
-                    timings.append([])
+            for audio, _ in self.synthesize_marked(voice, text, speaking_rate, stop, timings):
                 yield audio
             return
         assert voice.piper is not None

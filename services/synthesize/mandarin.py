@@ -24,6 +24,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ GATE_THRESHOLD = 0.8
 MAX_FRAMES_PER_SYMBOL = 12
 MIN_MAX_FRAMES = 120
 MAX_DECODER_STEPS = 1200
+# A mel frame whose 8 loudest bands average above this (natural-log mel) is voiced.
+VOICED_LOG_MEL = -6.0
 # Pauses put between clauses and after sentences, s (ttskit puts 0.3 s).
 CLAUSE_PAUSE_S = 0.12
 SENTENCE_PAUSE_S = 0.3
@@ -144,6 +147,48 @@ def split_clauses(text: str) -> list[tuple[str, bool]]:
     if pieces:
         pieces[-1] = (pieces[-1][0], True)
     return pieces
+
+
+@dataclass
+class Reading:
+    """A clause as the acoustic model reads it: its symbol ids, the unit (one
+    character's syllable, a punctuation mark, or the end) each symbol belongs
+    to, and the units in pinyin with tone digits ("ma1"; marks as themselves)."""
+
+    symbols: list[int]
+    unit_of_symbol: list[int]
+    units: list[str]
+
+
+def is_syllable(unit: str) -> bool:
+    return unit[:1].isalpha() and unit.isascii()
+
+
+def syllable_timings(
+    alignment: np.ndarray, reading: Reading, frame_s: float, voiced: np.ndarray
+) -> list[tuple[str, float, float]]:
+    """(pinyin syllable, start s, duration s) from the attention alignment
+    (decoder frames x symbols): a frame says the symbol it attends to most,
+    kept monotonic (attention that glances back does not unsay a syllable); a
+    syllable lasts from its first frame to the next unit's first. Before a mark
+    or the end, its trailing frames without voice (the decoder lingering on
+    the last symbol while it breathes out) are cut: the lips rest there."""
+    if not len(alignment):
+        return []
+    position = np.maximum.accumulate(alignment.argmax(axis=1))
+    unit = np.asarray(reading.unit_of_symbol)[position]
+    timings: list[tuple[str, float, float]] = []
+    for index, name in enumerate(reading.units):
+        begin = int(np.searchsorted(unit, index, "left"))
+        end = int(np.searchsorted(unit, index, "right"))
+        if not is_syllable(name) or end <= begin:
+            continue  # a mark, or a syllable the attention skipped
+        following = reading.units[index + 1] if index + 1 < len(reading.units) else "~"
+        if not is_syllable(following):
+            while end > begin + 1 and not voiced[end - 1]:
+                end -= 1
+        timings.append((name, begin * frame_s, (end - begin) * frame_s))
+    return timings
 
 
 # ---- loading the pickled checkpoints ------------------------------------------
@@ -280,8 +325,9 @@ class _Decoder(nn.Module):
 
     def forward(
         self, memory: torch.Tensor, max_steps: int, generator: torch.Generator
-    ) -> torch.Tensor:
-        """Mel frames (1, 80, T) decoded with location-sensitive attention."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel frames (1, 80, T) decoded with location-sensitive attention, and
+        the attention weights (T, symbols): which symbol each frame says."""
         attention = self.attention_layer
         processed_memory = attention.memory_layer(memory)
         steps = memory.size(1)
@@ -292,6 +338,7 @@ class _Decoder(nn.Module):
         context = zeros(1, 288)
         frame = zeros(1, MEL_CHANNELS)
         frames = []
+        alignment = []
         for _ in range(max_steps):
             cell_input = torch.cat((self.prenet(frame, generator), context), -1)
             attention_hidden, attention_cell = self.attention_rnn(
@@ -307,6 +354,7 @@ class _Decoder(nn.Module):
             ).squeeze(-1)
             weights = F.softmax(energies, dim=1)
             weights_cum = weights_cum + weights
+            alignment.append(weights[0])
             context = torch.bmm(weights.unsqueeze(1), memory).squeeze(1)
             decoder_hidden, decoder_cell = self.decoder_rnn(
                 torch.cat((attention_hidden, context), -1), (decoder_hidden, decoder_cell)
@@ -316,7 +364,7 @@ class _Decoder(nn.Module):
             frames.append(frame)
             if torch.sigmoid(self.gate_layer(state)).item() > GATE_THRESHOLD:
                 break
-        return torch.stack(frames, dim=2)
+        return torch.stack(frames, dim=2), torch.stack(alignment)
 
 
 class _Postnet(nn.Module):
@@ -348,7 +396,10 @@ class Mellotron(nn.Module):
         digits = hashlib.md5(speaker.encode("utf8")).hexdigest()
         return (torch.tensor([[int(d, 16) for d in digits]], dtype=torch.float32) - 7) / 10
 
-    def forward(self, symbols: list[int], speaker: str, seed: int = SEED) -> torch.Tensor:
+    def forward(
+        self, symbols: list[int], speaker: str, seed: int = SEED
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel (1, 80, T) and the attention alignment (T, symbols)."""
         text = self.encoder(self.embedding(torch.tensor([symbols])).transpose(1, 2))
         speakers = self.speaker_embedding(self.speaker_vector(speaker))[:, None]
         memory = torch.cat((text, speakers.expand(-1, text.size(1), -1)), dim=2)
@@ -356,8 +407,8 @@ class Mellotron(nn.Module):
         max_steps = min(
             MAX_DECODER_STEPS, max(MIN_MAX_FRAMES, MAX_FRAMES_PER_SYMBOL * len(symbols))
         )
-        mel = self.decoder(memory, max_steps, generator)
-        return mel + self.postnet(mel)
+        mel, alignment = self.decoder(memory, max_steps, generator)
+        return mel + self.postnet(mel), alignment
 
 
 # ---- the vocoder -------------------------------------------------------------
@@ -449,7 +500,7 @@ class MandarinVoiceModel:
         self.jieba_cache_dir = jieba_cache_dir
         self.acoustic = Mellotron()
         self.vocoder = MelGan()
-        self._to_symbols: Callable[[str], list[int]] | None = None
+        self._to_symbols: Callable[[str], Reading] | None = None
         self._words: Callable[[str], list[str]] | None = None
         self.lock = threading.Lock()
 
@@ -461,7 +512,7 @@ class MandarinVoiceModel:
         self.vocoder.eval()
         self._to_symbols = self._front_end()
 
-    def _front_end(self) -> Callable[[str], list[int]]:
+    def _front_end(self) -> Callable[[str], Reading]:
         # phkit loads its pinyin tables with tqdm progress bars and jieba logs
         # at DEBUG; neither belongs in a JSON log.
         logging.getLogger("jieba").setLevel(logging.WARNING)
@@ -469,28 +520,61 @@ class MandarinVoiceModel:
             import jieba
 
             _import_phkit_without_english()
-            from phkit.chinese import text_to_sequence
+            from phkit.chinese.sequence import ph2id_dict, phoneme2pinyin, text2phoneme
 
             if self.jieba_cache_dir is not None:
                 self.jieba_cache_dir.mkdir(parents=True, exist_ok=True)
                 jieba.dt.tmp_dir = str(self.jieba_cache_dir)
             jieba.initialize()  # builds its dictionary once (~1 s), not on the first request
-            text_to_sequence("你好。", cleaner_names="hanzi")  # phkit reads its tables lazily
+            text2phoneme("你好。")  # phkit reads its tables lazily
         self._words = jieba.lcut
-        return lambda text: list(text_to_sequence(text, cleaner_names="hanzi"))
+
+        def read(text: str) -> Reading:
+            # phkit's text_to_sequence(text, "hanzi") is phoneme2sequence(text2phoneme(text));
+            # done here by hand to keep which syllable each symbol belongs to.
+            phonemes = text2phoneme(text)
+            reading = Reading([], [], [])
+            unit: list[str] = []
+            for phoneme in phonemes:
+                if phoneme in ph2id_dict:
+                    reading.symbols.append(ph2id_dict[phoneme])
+                    reading.unit_of_symbol.append(len(reading.units))
+                unit.append(phoneme)
+                if phoneme == "-":  # the joiner ends one character's sounds
+                    reading.units.append((phoneme2pinyin(unit) or ["*"])[0])
+                    unit = []
+            reading.units.append("~")  # the end symbols, after the last joiner
+            return reading
+
+        return read
 
     def symbols(self, text: str) -> list[int]:
         assert self._to_symbols is not None, "load() first"
-        return self._to_symbols(text)
+        return self._to_symbols(text).symbols
 
     @torch.inference_mode()
-    def clause_audio(self, clause: str, speaker: str, speaking_rate: float = 1.0) -> np.ndarray:
-        mel = self.acoustic(self.symbols(clause), speaker)
+    def clause_speech(
+        self, clause: str, speaker: str, speaking_rate: float = 1.0
+    ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+        """The clause's audio and its (pinyin syllable, start s, duration s)."""
+        assert self._to_symbols is not None, "load() first"
+        reading = self._to_symbols(clause)
+        mel, alignment = self.acoustic(reading.symbols, speaker)
+        frames = mel.size(2)
+        # A frame is voiced when its loudest bands are well above the silent
+        # floor (log-mel, natural log; silence sits near -11.5).
+        voiced = (mel[0].topk(8, dim=0).values.mean(0) > VOICED_LOG_MEL).numpy()
+        frame_s = HOP_SAMPLES / SAMPLE_RATE_HZ
         if speaking_rate != 1.0:
             # Fewer mel frames, same frames' content: faster speech at the same pitch.
-            frames = max(2, round(mel.size(2) / speaking_rate))
-            mel = F.interpolate(mel, size=frames, mode="linear", align_corners=True)
-        return self.vocoder(mel).numpy().astype(np.float32, copy=False)
+            frames_out = max(2, round(frames / speaking_rate))
+            mel = F.interpolate(mel, size=frames_out, mode="linear", align_corners=True)
+            frame_s *= frames_out / frames
+        timings = syllable_timings(alignment.numpy(), reading, frame_s, voiced)
+        return self.vocoder(mel).numpy().astype(np.float32, copy=False), timings
+
+    def clause_audio(self, clause: str, speaker: str, speaking_rate: float = 1.0) -> np.ndarray:
+        return self.clause_speech(clause, speaker, speaking_rate)[0]
 
     def first_phrase(self, clause: str) -> str:
         """The first words of a long clause, cut at a word boundary (jieba), or ""."""
@@ -509,8 +593,11 @@ class MandarinVoiceModel:
         speaker: str,
         speaking_rate: float = 1.0,
         stop: threading.Event | None = None,
+        timings: list[list[tuple[str, float, float]]] | None = None,
     ) -> Iterator[tuple[np.ndarray, bool]]:
-        """(audio of one clause with the pause after it, ends a sentence). Blocking."""
+        """(audio of one clause with the pause after it, ends a sentence). Blocking.
+        With `timings`, each clause's (pinyin syllable, start s, duration s) is
+        appended to it before its audio is yielded."""
         pieces = [
             (clause, ends, SENTENCE_PAUSE_S if ends else CLAUSE_PAUSE_S)
             for clause, ends in split_clauses(text)
@@ -523,7 +610,9 @@ class MandarinVoiceModel:
                 clause, ends, pause_s = pieces[0]
                 pieces[:1] = [(head, False, PHRASE_PAUSE_S), (clause[len(head) :], ends, pause_s)]
         for clause, ends_sentence, pause in pieces:
-            audio = self.clause_audio(clause, speaker, speaking_rate)
+            audio, sounds = self.clause_speech(clause, speaker, speaking_rate)
+            if timings is not None:
+                timings.append(sounds)
             pause_s = pause / speaking_rate
             yield (
                 np.concatenate([audio, np.zeros(round(pause_s * SAMPLE_RATE_HZ), np.float32)]),

@@ -166,6 +166,8 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             resampler = StreamResampler(source_rate_hz, rate_hz)
             sent = 0
             source_samples = 0  # at the voice's own rate: the timings' clock
+            # Piper reports IPA phonemes, the Mandarin voice pinyin syllables.
+            notation = "pinyin" if voice.mandarin_speaker and cloned is None else "ipa"
             pending_sounds: list[audio_pb2.PhonemeTiming] = []
             sentence_count = 0  # sentences whose audio has all been handed over
             first_chunk_ms = 0
@@ -189,6 +191,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                                 phoneme=p,
                                 start_ms=round((start_s + s) * 1000),
                                 duration_ms=round(d * 1000),
+                                notation=notation,
                             )
                             for p, s, d in sounds
                         ]
