@@ -166,7 +166,7 @@ def recognize(stub: asr_pb2_grpc.AsrServiceStub, audio: np.ndarray, language: st
         audio=to_s16le(audio),
         config=asr_pb2.RecognitionConfig(language=language),
     )
-    return stub.Recognize(request, timeout=120).transcript
+    return stub.Recognize(request, timeout=120).text
 
 
 def stream_final(
