@@ -233,7 +233,12 @@ class StreamingRecognizer:
                 text = self._decode(utterance, utterance.joined(), "speculative")
                 assert text is not None  # only interims are ever skipped
                 utterance.speculative = (utterance.last_speech_end, text)
-                if options.interim_results or options.speculative_results:
+                # A guess on a short fragment (the VAD dipped inside a word) may be in
+                # a language detected on too little audio: shown as an interim only once
+                # the language is known. A caller that asked for guesses gets it anyway,
+                # since the final would say the same.
+                known = options.language or utterance.language or self._last_language
+                if options.speculative_results or (options.interim_results and known):
                     self._emit_interim(utterance, text, outputs, speculative=True)
             if utterance.silence_ms >= options.end_of_utterance_silence_ms:
                 decided = time.perf_counter()
