@@ -15,7 +15,9 @@ import numpy as np
 
 from bench.tables import percentile, print_table
 from services.asr.config import AsrSettings
+from services.asr.engine import WhisperEngine
 from services.asr.server import build_program
+from services.asr.streaming import Result, StreamingRecognizer, StreamOptions
 from talker.v1 import asr_pb2, asr_pb2_grpc, audio_pb2
 from tests.processes import InProcessServer
 from tests.speech import (
@@ -256,6 +258,38 @@ def streamed_vs_whole(stub: asr_pb2_grpc.AsrServiceStub, settings: AsrSettings) 
     print("target: gap within 1 point per voice kind; languages of finals:", sorted(languages_seen))
 
 
+def language_flips(engine: WhisperEngine) -> None:
+    """Language auto, interims every 200 ms: results not in English, over both
+    English voices (the engine called directly, 20 ms chunks as fast as it goes)."""
+    options = StreamOptions(
+        language=None,
+        initial_prompt="",
+        beam_size=1,
+        interim_results=True,
+        interim_interval_ms=200,
+        end_of_utterance_silence_ms=500,
+        silence_timeout_s=5.0,
+        single_utterance=False,
+        vad_threshold=0.5,
+        max_utterance_s=28.0,
+        final_beam_size=engine.settings.final_beam_size,
+    )
+    flipped, total = [], 0
+    for voice in ("piper", "espeak"):
+        for sentence in HELD_OUT_EN:
+            recognizer = StreamingRecognizer(engine, options)
+            audio = np.concatenate([silence(0.4), VOICES[voice](sentence), silence(1.0)])
+            for start in range(0, len(audio), 320):
+                for output in recognizer.accept(audio[start : start + 320]):
+                    if isinstance(output, Result):
+                        total += 1
+                        if output.language != "en":
+                            flipped.append((output.language, output.text))
+    print(f"Language auto, interims every 200 ms: {len(flipped)} of {total} results not English")
+    for language, text in flipped:
+        print(f"  {language}: {text!r}")
+
+
 def main() -> None:
     rounds = int(os.environ.get("BENCH_ROUNDS", "7"))
     settings = AsrSettings(port=0, metrics_port=0)
@@ -266,6 +300,7 @@ def main() -> None:
             stub = asr_pb2_grpc.AsrServiceStub(channel)
             clip_overhead(server, stub, rounds)
             streamed_vs_whole(stub, settings)
+            language_flips(server.program.engine)
     finally:
         server.stop()
 
