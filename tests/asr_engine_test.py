@@ -141,3 +141,46 @@ def test_unknown_language_is_refused(asr_engine) -> None:
         asr_engine.check_language("klingon")
     assert asr_engine.check_language("auto") is None
     assert asr_engine.check_language("ZH") == "zh"
+
+
+# Sentences no threshold in services/asr was tuned on.
+HELD_OUT = [
+    "The museum opens at nine on weekdays.",
+    "She bought three apples and a loaf of bread.",
+    "Remember to water the plants while I am away.",
+    "He fixed the broken chair with glue and a few nails.",
+]
+
+
+def streamed_final(engine, audio: np.ndarray, options: StreamOptions) -> Result:
+    recognizer = StreamingRecognizer(engine, options)
+    outputs = feed_in_chunks(recognizer, np.concatenate([silence(0.4), audio, silence(1.0)]))
+    finals = [o for o in outputs if isinstance(o, Result) and o.is_final]
+    assert len(finals) == 1, outputs
+    return finals[0]
+
+
+def test_streamed_finals_are_as_good_as_whole_clip_recognition(asr_engine) -> None:
+    # espeak-ng is the voice where greedy streamed finals fell behind Recognize.
+    clips = [VOICES["espeak"](s) for s in HELD_OUT]
+    whole = [asr_engine.transcribe_clip(c, language="en").text for c in clips]
+    options = stream_options(interim_results=False, final_beam_size=5)
+    streamed = [streamed_final(asr_engine, c, options).text for c in clips]
+    whole_wer = word_error_rate(HELD_OUT, whole)
+    streamed_wer = word_error_rate(HELD_OUT, streamed)
+    print(
+        f"whole {whole_wer:.3f} streamed {streamed_wer:.3f}",
+        *zip(whole, streamed, strict=True),
+        sep="\n",
+    )
+    assert streamed_wer <= whole_wer + 0.01
+
+
+def test_auto_language_is_held_for_every_result_of_an_utterance(asr_engine) -> None:
+    options = stream_options(language=None, interim_interval_ms=200, final_beam_size=5)
+    recognizer = StreamingRecognizer(asr_engine, options)
+    audio = np.concatenate([silence(0.4), VOICES["espeak"](HELD_OUT[2]), silence(1.0)])
+    results = [o for o in feed_in_chunks(recognizer, audio) if isinstance(o, Result)]
+    interims = [r for r in results if not r.is_final]
+    assert len(interims) >= 3 and results[-1].is_final, results
+    assert {r.language for r in results} == {"en"}, [(r.language, r.text) for r in results]

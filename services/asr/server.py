@@ -191,6 +191,8 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             vad_threshold=settings.vad_threshold,
             max_utterance_s=settings.max_utterance_s,
             speculative_results=config.speculative_results,
+            # A beam_size the caller asks for applies to every decode of the stream.
+            final_beam_size=recognition.beam_size or settings.final_beam_size,
         )
         return layout, options
 

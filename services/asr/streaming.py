@@ -9,6 +9,18 @@ final one and is sent at once; otherwise it is dropped (and, when interim
 results are on, shown as an interim). So the final arrives
 max(end-of-utterance silence, VAD lag + decode time) after speech ends,
 instead of their sum.
+
+Accuracy design: interim results are greedy (cheap, for display only); the
+speculative and final decodes, which the caller acts on, use the wider
+`final_beam_size`. Measured on held-out espeak-ng and Piper clips, beam width
+was what made streamed finals worse than whole-clip Recognize; the shortened
+encoder window and the carried prompt were not (see bench/asr_bench.py).
+
+Language: with language auto, Whisper's detection on half a second of audio
+flips (an interim once came out in Indonesian). The language is detected once
+per utterance, on the first decode with LANGUAGE_MIN_MS of audio, and held for
+the rest of it; a shorter decode borrows the previous utterance's language or,
+for an interim, is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ PREROLL_MS = 320  # audio kept before speech onset, so the first phoneme is not 
 TAIL_MS = 200  # silence kept after speech for the decoder
 MIN_SPEECH_MS = 96  # a shorter blip (a click, a cough) does not start an utterance
 SPECULATE_AFTER_MS = 64
+LANGUAGE_MIN_MS = 1500  # audio needed before an auto-detected language is trusted and held
 NO_SPEECH_DROP = 0.8  # Whisper's no-speech probability above which a result is empty
 
 ENDPOINT_TO_FINAL_SECONDS = Histogram(
@@ -51,6 +64,7 @@ class StreamOptions:
     vad_threshold: float
     max_utterance_s: float
     speculative_results: bool = False
+    final_beam_size: int = 0  # speculative and final decodes; 0 = beam_size
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class _Utterance:
     silence_ms: int = 0
     speculative: tuple[int, UtteranceText] | None = None  # (last_speech_end it covered, text)
     last_interim: str = ""
+    language: str | None = None  # held once detected on enough audio
 
     def append(self, window: np.ndarray) -> None:
         self.audio.append(window)
@@ -124,6 +139,7 @@ class StreamingRecognizer:
         self._idle_ms = 0
         self._utterance_index = 0
         self._finals: list[str] = []
+        self._last_language: str | None = None  # the previous utterance's held language
         self.done = False
 
     @property
@@ -214,9 +230,15 @@ class StreamingRecognizer:
         else:
             utterance.silence_ms += WINDOW_MS
             if utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS:
-                text = self._decode(utterance.joined(), "speculative")
+                text = self._decode(utterance, utterance.joined(), "speculative")
+                assert text is not None  # only interims are ever skipped
                 utterance.speculative = (utterance.last_speech_end, text)
-                if options.interim_results or options.speculative_results:
+                # A guess on a short fragment (the VAD dipped inside a word) may be in
+                # a language detected on too little audio: shown as an interim only once
+                # the language is known. A caller that asked for guesses gets it anyway,
+                # since the final would say the same.
+                known = options.language or utterance.language or self._last_language
+                if options.speculative_results or (options.interim_results and known):
                     self._emit_interim(utterance, text, outputs, speculative=True)
             if utterance.silence_ms >= options.end_of_utterance_silence_ms:
                 decided = time.perf_counter()
@@ -240,15 +262,30 @@ class StreamingRecognizer:
         context = " ".join([self.options.initial_prompt, *self._finals[-3:]]).strip()
         return context[-600:]
 
-    def _decode(self, audio: np.ndarray, kind: str) -> UtteranceText:
-        return self.engine.transcribe_utterance(
-            audio, self.options.language, self._prompt(), self.options.beam_size, kind=kind
+    def _decode(self, utterance: _Utterance, audio: np.ndarray, kind: str) -> UtteranceText | None:
+        """Greedy for interims, `final_beam_size` for what the caller acts on.
+        None: an interim too short to be sure of an undetected language."""
+        options = self.options
+        beam = options.beam_size if kind == "interim" else options.final_beam_size
+        language = options.language or utterance.language
+        enough = len(audio) >= LANGUAGE_MIN_MS * SAMPLE_RATE_HZ // 1000
+        if language is None and not enough:
+            if self._last_language is None and kind == "interim":
+                return None
+            language = self._last_language
+        decoded = self.engine.transcribe_utterance(
+            audio, language, self._prompt(), beam or options.beam_size, kind=kind
         )
+        if options.language is None and utterance.language is None and enough:
+            utterance.language = decoded.language
+        return decoded
 
     def _interim(
         self, utterance: _Utterance, audio: np.ndarray, kind: str, outputs: list[StreamOutput]
     ) -> None:
-        self._emit_interim(utterance, self._decode(audio, kind), outputs)
+        decoded = self._decode(utterance, audio, kind)
+        if decoded is not None:
+            self._emit_interim(utterance, decoded, outputs)
 
     def _emit_interim(
         self,
@@ -289,7 +326,9 @@ class StreamingRecognizer:
                 utterance.start_sample + utterance.samples,
                 utterance.last_speech_end + TAIL_MS * SAMPLE_RATE_HZ // 1000,
             )
-            decoded = self._decode(utterance.joined(end), "final")
+            final = self._decode(utterance, utterance.joined(end), "final")
+            assert final is not None  # only interims are ever skipped
+            decoded = final
         text = clean_text(decoded)
         result = Result(
             text=text,
@@ -303,6 +342,8 @@ class StreamingRecognizer:
         )
         if text:
             self._finals.append(text)
+            if self.options.language is None:
+                self._last_language = utterance.language or decoded.language
         self._utterance_index += 1
         self._utterance = None
         self._idle_ms = 0
