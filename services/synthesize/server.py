@@ -167,7 +167,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             sent = 0
             source_samples = 0  # at the voice's own rate: the timings' clock
             # Piper reports IPA phonemes, the Mandarin voice pinyin syllables.
-            notation = "pinyin" if voice.mandarin_speaker and cloned is None else "ipa"
+            notation = "pinyin" if cloned is None and voice.mandarin_speaker else "ipa"
             pending_sounds: list[audio_pb2.PhonemeTiming] = []
             sentence_count = 0  # sentences whose audio has all been handed over
             first_chunk_ms = 0
