@@ -221,3 +221,23 @@ def test_any_gguf_by_path_and_a_base_model_is_refused(tmp_path) -> None:  # type
         build_engine(ChatSettings(model_path=str(base))).load()
     with pytest.raises(PreconditionFailed, match=r"neither a \.gguf"):
         build_engine(ChatSettings(model_path=str(tmp_path / "missing.gguf")))
+
+
+def test_a_hugging_face_folder_runs_on_transformers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A model folder with config.json (here SmolLM2 dequantised from its GGUF)
+    runs on the transformers engine, with the same answers and the stop flag."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_path("smollm2-135m", tmp_path)
+    folder = tmp_path / "smollm2-hf"
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    model.save_pretrained(folder)
+    engine = build_engine(ChatSettings(model_path=str(folder)))
+    engine.load()
+    assert engine.backend == "transformers"
+    text, _ = reply(engine, "What is the capital of France?", session_key="hf")
+    assert "paris" in text.lower(), text
+    again, second = reply(engine, "What is the capital of France?", session_key="hf")
+    assert again == text and second.reused_tokens > 0  # the session's cache was kept

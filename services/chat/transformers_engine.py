@@ -158,5 +158,7 @@ class TransformersEngine:
         keep = min(common_prefix(cached_ids, ids), len(ids) - 1)
         if keep <= 0:
             return None, 0
-        cache.crop(keep)
+        held = cache.get_seq_length()
+        if keep < held:
+            cache.crop(keep - held)  # transformers crops by a negative count from the end
         return cache, keep
