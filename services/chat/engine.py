@@ -14,8 +14,9 @@ every token: a cancelled reply stops within one token (barge-in).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -210,6 +211,46 @@ def choose_token(
         probs = probs * keep
         probs /= probs.sum()
     return int(top[rng.choice(len(top), p=probs)])
+
+
+def token_loop(
+    params: GenerationParams,
+    stop: threading.Event,
+    run: GenerationRun,
+    rng: np.random.Generator,
+    started: float,
+    generated: list[int],
+    next_logits: Callable[[], np.ndarray],
+    is_end: Callable[[int], bool],
+    delta_of: Callable[[int], str],
+    feed: Callable[[int], None],
+) -> Iterator[str]:
+    """The token loop every local engine runs once its prompt is read: the stop
+    flag is checked before every token (a cancel stops within one), each token
+    is appended to `generated`, its text yielded as soon as it is whole, then
+    fed back. The engine supplies its model's four steps."""
+    for _ in range(params.max_new_tokens):
+        if stop.is_set():
+            run.finish_reason = "cancelled"
+            return
+        token = choose_token(next_logits(), generated, params, rng)
+        if is_end(token):
+            run.finish_reason = "stop"
+            return
+        generated.append(token)
+        run.completion_tokens = len(generated)
+        if run.first_token_s is None:
+            run.first_token_s = time.perf_counter() - started
+            FIRST_TOKEN_SECONDS.observe(run.first_token_s)
+        TOKENS.inc()
+        delta = delta_of(token)
+        if delta:
+            run.text += delta
+            yield delta
+        if stop.is_set():
+            run.tokens_after_stop += 1
+        feed(token)
+    run.finish_reason = "length"
 
 
 class Utf8Deltas:

@@ -27,16 +27,14 @@ import numpy as np
 
 from services.chat.config import ChatSettings
 from services.chat.engine import (
-    FIRST_TOKEN_SECONDS,
-    TOKENS,
     GenerationParams,
     GenerationRun,
     KeptStates,
     Prompt,
     Utf8Deltas,
-    choose_token,
     common_prefix,
     to_numpy,
+    token_loop,
 )
 from services.chat.models import EMBEDDED, embedded_path
 from services.common.errors import PreconditionFailed
@@ -175,28 +173,18 @@ class LlamaCppEngine:
             run.finish_reason = "cancelled"
         else:
             vocab = llm._model.vocab
-            for _ in range(params.max_new_tokens):
-                if stop.is_set():
-                    run.finish_reason = "cancelled"
-                    break
-                logits = to_numpy(llm._ctx.get_logits_ith(-1), self._n_vocab)
-                token = choose_token(logits, generated, params, self.rng)
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    run.finish_reason = "stop"
-                    break
-                generated.append(token)
-                run.completion_tokens = len(generated)
-                if run.first_token_s is None:
-                    run.first_token_s = time.perf_counter() - started
-                    FIRST_TOKEN_SECONDS.observe(run.first_token_s)
-                TOKENS.inc()
-                delta = text.feed(self._piece(token))
-                if delta:
-                    run.text = text.text
-                    yield delta
-                if stop.is_set():
-                    run.tokens_after_stop += 1
-                llm.eval([token])
+            yield from token_loop(
+                params,
+                stop,
+                run,
+                self.rng,
+                started,
+                generated,
+                next_logits=lambda: to_numpy(llm._ctx.get_logits_ith(-1), self._n_vocab),
+                is_end=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+                delta_of=lambda token: text.feed(self._piece(token)),
+                feed=lambda token: llm.eval([token]),
+            )
         run.text = text.text
         if session_key is not None and llm.n_tokens > 0:
             self.kept.put(session_key, self._held(), self._state())

@@ -17,14 +17,12 @@ import torch
 
 from services.chat.config import ChatSettings
 from services.chat.engine import (
-    FIRST_TOKEN_SECONDS,
-    TOKENS,
     GenerationParams,
     GenerationRun,
     KeptStates,
     Prompt,
-    choose_token,
     common_prefix,
+    token_loop,
 )
 from services.common.errors import PreconditionFailed
 
@@ -107,44 +105,45 @@ class TransformersEngine:
 
         ids = prompt.ids
         generated: list[int] = []
-        emitted = ""
         started = time.perf_counter()
         run.finish_reason = "length"
+        model = self.model
+
+        def delta_of(_token: int) -> str:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            # A multi-byte character split across tokens decodes to U+FFFD until complete.
+            if text.endswith("\ufffd") or len(text) <= len(run.text):
+                return ""
+            return text[len(run.text) :]
+
         with torch.inference_mode():
             cache, reused = self._reusable_cache(session_key, ids)
             if cache is None:
-                cache = DynamicCache(config=self.model.config)
+                cache = DynamicCache(config=model.config)
             run.reused_tokens = reused
-            output = self.model(
+            output = model(
                 input_ids=torch.tensor([ids[reused:]]),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            for _ in range(params.max_new_tokens):
-                if stop.is_set():
-                    run.finish_reason = "cancelled"
-                    break
-                logits = output.logits[0, -1, :].float().numpy().copy()
-                token = choose_token(logits, generated, params, self.rng)
-                if token in self.eos_ids:
-                    run.finish_reason = "stop"
-                    break
-                generated.append(token)
-                run.completion_tokens = len(generated)
-                if run.first_token_s is None:
-                    run.first_token_s = time.perf_counter() - started
-                    FIRST_TOKEN_SECONDS.observe(run.first_token_s)
-                TOKENS.inc()
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                # A multi-byte character split across tokens decodes to U+FFFD until complete.
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    delta, emitted = text[len(emitted) :], text
-                    run.text = emitted
-                    yield delta
-                if stop.is_set():
-                    run.tokens_after_stop += 1
-                output = self.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+
+            def feed(token: int) -> None:
+                nonlocal output
+                output = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+
+            yield from token_loop(
+                params,
+                stop,
+                run,
+                self.rng,
+                started,
+                generated,
+                next_logits=lambda: output.logits[0, -1, :].float().numpy().copy(),
+                is_end=lambda token: token in self.eos_ids,
+                delta_of=delta_of,
+                feed=feed,
+            )
         run.text = self.tokenizer.decode(generated, skip_special_tokens=True)
         fed = ids + generated
         if session_key is not None and cache.get_seq_length() == len(fed):
