@@ -6,6 +6,7 @@ default memory ceiling the alert rules depend on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,12 +39,15 @@ PROGRAM = textwrap.dedent(
 
 
 def run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # Another test (or the caller's shell) may have set TQDM_DISABLE; the bar must draw here.
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", code, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 

@@ -5,7 +5,6 @@ path for models that have no GGUF. Slower than llama.cpp on a CPU (see
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -53,7 +52,6 @@ class TransformersEngine:
         self.rng = np.random.default_rng()
 
     def load(self) -> None:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would break JSON logs
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
