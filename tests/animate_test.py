@@ -19,7 +19,8 @@ from skimage import data
 
 from services.animate.config import AnimateSettings
 from services.animate.portrait import PortraitAnalyzer, PortraitLimits
-from services.animate.server import BACKGROUND_RENDERS, build_program
+from services.animate.server import build_program
+from services.animate.video import BACKGROUND_RENDERS
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2
 from tests.processes import InProcessServer
 from tests.speech import piper_speech, silence, to_s16le, to_wav

@@ -1,39 +1,38 @@
 """AnimateService: avatars (CreateAvatar, Get/List/Delete), live animation
-(Animate: audio chunks in, frames out) and mp4 rendering (Render), with the
-embedded animator or, when a checkpoint is configured, Wav2Lip. Audio over
-60 s is rendered in 30-50 s segments cut at silences and joined without
-re-encoding."""
+(Animate: audio chunks in, frames out) and mp4 rendering (Render). The engine
+(services/animate/engine.py) picks the animator; the mp4 writer is
+services/animate/video.py."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import io
-import itertools
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
-import av
 import cv2
 import numpy as np
 from grpc import aio
 
-from services.animate.animator import SAMPLE_RATE_HZ, PortraitAnimator
-from services.animate.avatars import AvatarRecord, AvatarStore
+from services.animate.animator import SAMPLE_RATE_HZ
+from services.animate.avatars import AvatarRecord
 from services.animate.config import AnimateSettings
-from services.animate.portrait import Check, PortraitAnalyzer, PortraitLimits
+from services.animate.engine import AnimateEngine, Animator
+from services.animate.portrait import Check
+from services.animate.video import BACKGROUND_RENDERS, RenderedVideo, render_mp4
 from services.animate.visemes import Span, pinyin_spans, spans_from_phonemes
-from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
+from services.common.audio import (
+    PcmLayout,
+    StreamResampler,
+    decode_clip,
+    decode_pcm,
+    raw_layout,
+    resample,
+)
+from services.common.bridge import ThreadStream
 from services.common.errors import InvalidInput, LimitExceeded
-from services.common.runtime import GrpcProgram, lower_cpu_priority, run_program
+from services.common.runtime import GrpcProgram, run_program
 from talker.v1 import animate_pb2, animate_pb2_grpc, audio_pb2
-
-if TYPE_CHECKING:
-    # torch comes with it: imported only when a Wav2Lip checkpoint is configured.
-    from services.animate.wav2lip import Wav2Lip, Wav2LipAnimator
 
 MIN_FPS, MAX_FPS = 5, 60
 MP4_CHUNK_BYTES = 256 * 1024
@@ -46,37 +45,9 @@ SEVERITIES = {
 }
 
 
-class AnimateEngine:
-    """What the avatars RPCs need, loaded once."""
-
-    def __init__(self, settings: AnimateSettings) -> None:
-        self.settings = settings
-        self.store = AvatarStore(settings.avatars_dir)
-        self.analyzer: PortraitAnalyzer | None = None
-        self.wav2lip: Wav2Lip | None = None
-
-    def load(self) -> None:
-        limits = PortraitLimits(
-            max_yaw_deg=self.settings.max_yaw_deg,
-            min_side_px=self.settings.min_side_px,
-            min_face_px=self.settings.min_face_px,
-            max_pixels=self.settings.max_pixels,
-        )
-        self.analyzer = PortraitAnalyzer(limits)
-        self.store.load()
-        if self.settings.wav2lip_checkpoint:
-            from services.animate.wav2lip import load_wav2lip
-
-            self.wav2lip = load_wav2lip(Path(self.settings.wav2lip_checkpoint).expanduser())
-
-
-RIGS_KEPT = 16  # avatars whose animator rig stays in memory (~2-6 MB each)
-
-
 class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
     def __init__(self, engine: AnimateEngine) -> None:
         self.engine = engine
-        self._rigs: dict[tuple[str, tuple[int, ...]], PortraitAnimator] = {}
 
     async def CreateAvatar(
         self, request: animate_pb2.CreateAvatarRequest, context: aio.ServicerContext
@@ -104,83 +75,74 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
         record = await asyncio.to_thread(self.engine.store.add, rgb, display_name, report)
         return animate_pb2.CreateAvatarResponse(avatar=avatar_message(record))
 
-    def _animator(self, avatar_id: str, fps: int) -> PortraitAnimator | Wav2LipAnimator:
-        record = self.engine.store.get(avatar_id)
-        portrait = self.engine.store.portrait(record.avatar_id)
-        # Even sides: H.264 with yuv420p needs them.
-        height, width = portrait.shape[:2]
-        portrait = np.ascontiguousarray(portrait[: height - height % 2, : width - width % 2])
-        if self.engine.wav2lip is not None:
-            from services.animate.wav2lip import Wav2LipAnimator
-
-            return Wav2LipAnimator(self.engine.wav2lip, portrait, tuple(record.face_box), fps)  # type: ignore[arg-type]
-        # The rig (mesh fields per shape, teeth) is built once per avatar and kept.
-        key = (record.avatar_id, portrait.shape)
-        rig = self._rigs.pop(key, None) or PortraitAnimator(portrait, record.landmarks, fps)
-        self._rigs[key] = rig  # most recently used last
-        while len(self._rigs) > RIGS_KEPT:
-            self._rigs.pop(next(iter(self._rigs)))
-        return rig.fresh(fps)
-
     async def Animate(
         self,
         request_iterator: AsyncIterator[animate_pb2.AnimateRequest],
         context: aio.ServicerContext,
     ) -> AsyncIterator[animate_pb2.AnimateResponse]:
-        animator = None
-        layout = None
-        resampler = None
-        encoding = animate_pb2.FRAME_ENCODING_JPEG
-        quality = 85
-        chunk_index = 0
+        live: LiveAnimation | None = None
         async for message in request_iterator:
-            which = message.WhichOneof("request")
-            if animator is None:
-                if which != "config":
-                    raise InvalidInput(
-                        f"The first message of Animate must carry `config`; it carried {which or 'nothing'}."
-                    )
-                config = message.config
-                fps = check_fps(config.fps)
-                layout = raw_layout(
-                    config.format.encoding, config.format.sample_rate_hz, config.format.channels
-                )
-                encoding = config.frame_encoding or animate_pb2.FRAME_ENCODING_JPEG
-                quality = config.jpeg_quality or 85
-                if not 1 <= quality <= 100:
-                    raise InvalidInput(
-                        f"jpeg_quality is {config.jpeg_quality}; use 1 to 100 (0 = 85)."
-                    )
-                animator = await asyncio.to_thread(self._animator, config.avatar_id, fps)
-                resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
-                if message.phonemes:
-                    _add_phonemes(animator, message.phonemes)
-                continue
-            if message.phonemes:
-                _add_phonemes(animator, message.phonemes)
-            if which is None and message.phonemes:
-                continue  # timings ahead of their audio
-            if which != "audio":
-                raise InvalidInput("Only the first message may carry config; send audio after it.")
-            chunk_index += 1
-            assert layout is not None and resampler is not None
-            samples = resampler.process(
-                decode_pcm(message.audio, layout, f"audio chunk {chunk_index}")
-            )
-            frames = await asyncio.to_thread(_render, animator, samples, False, encoding, quality)
-            for frame in frames:
-                yield animate_pb2.AnimateResponse(frame=frame)
-        if animator is None:
+            if live is None:
+                live = await self._open(message)
+            else:
+                for frame in await live.feed(message):
+                    yield animate_pb2.AnimateResponse(frame=frame)
+        if live is None:
             raise InvalidInput("The stream ended before its first message (the config).")
-        assert resampler is not None
-        tail = resampler.process(np.zeros(0, np.float32), last=True)
-        for frame in await asyncio.to_thread(_render, animator, tail, True, encoding, quality):
+        for frame in await live.finish():
             yield animate_pb2.AnimateResponse(frame=frame)
+
+    async def _open(self, message: animate_pb2.AnimateRequest) -> LiveAnimation:
+        """A live animation from the stream's first message (its config)."""
+        which = message.WhichOneof("request")
+        if which != "config":
+            raise InvalidInput(
+                f"The first message of Animate must carry `config`; it carried {which or 'nothing'}."
+            )
+        config = message.config
+        fps = check_fps(config.fps)
+        layout = raw_layout(
+            config.format.encoding, config.format.sample_rate_hz, config.format.channels
+        )
+        quality = config.jpeg_quality or 85
+        if not 1 <= quality <= 100:
+            raise InvalidInput(f"jpeg_quality is {config.jpeg_quality}; use 1 to 100 (0 = 85).")
+        animator = await asyncio.to_thread(self.engine.animator, config.avatar_id, fps)
+        animator.add_spans(phoneme_spans(message.phonemes))
+        encoding = config.frame_encoding or animate_pb2.FRAME_ENCODING_JPEG
+        return LiveAnimation(animator, layout, encoding, quality)
 
     async def Render(
         self, request: animate_pb2.RenderRequest, context: aio.ServicerContext
     ) -> AsyncIterator[animate_pb2.RenderResponse]:
         fps = check_fps(request.fps)
+        audio, rate = self._render_audio(request)
+        spans = phoneme_spans(request.phonemes)
+        animator = await asyncio.to_thread(self.engine.animator, request.avatar_id, fps)
+        animator.add_spans(spans)
+        total = math.ceil(len(audio) / rate * fps)
+        executor = BACKGROUND_RENDERS if request.background else None
+        video: RenderedVideo | None = None
+        async with ThreadStream(
+            lambda stop: render_mp4(animator, audio, rate, fps), executor
+        ) as steps:
+            async for step in steps:
+                if isinstance(step, RenderedVideo):
+                    video = step
+                else:
+                    yield animate_pb2.RenderResponse(progress=progress_message(step, total))
+        assert video is not None
+        for offset in range(0, len(video.mp4), MP4_CHUNK_BYTES):
+            content = video.mp4[offset : offset + MP4_CHUNK_BYTES]
+            yield animate_pb2.RenderResponse(
+                chunk=animate_pb2.Mp4Chunk(content=content, offset_bytes=offset)
+            )
+        yield animate_pb2.RenderResponse(
+            result=result_message(video, animator, len(audio) / rate, fps)
+        )
+
+    def _render_audio(self, request: animate_pb2.RenderRequest) -> tuple[np.ndarray, int]:
+        """The request's audio at an AAC rate, within the length limit."""
         fmt = request.format
         audio, rate = decode_clip(request.audio, fmt.encoding, fmt.sample_rate_hz, fmt.channels)
         if len(audio) / rate > self.engine.settings.max_render_s:
@@ -188,57 +150,9 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
                 f"The audio is {len(audio) / rate:.0f} s long; Render takes at most "
                 f"{self.engine.settings.max_render_s:.0f} s."
             )
-        spans = phoneme_spans(request.phonemes)
-        animator = await asyncio.to_thread(self._animator, request.avatar_id, fps)
-        if spans and isinstance(animator, PortraitAnimator):
-            animator.add_spans(spans)
         if rate not in AAC_RATES:
             audio, rate = resample(audio, rate, 48_000), 48_000
-        total = math.ceil(len(audio) / rate * fps)
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def progress(done: int) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        work = functools.partial(render_mp4, animator, audio, rate, fps, progress)
-        job = asyncio.ensure_future(
-            loop.run_in_executor(BACKGROUND_RENDERS, work)
-            if request.background
-            else asyncio.to_thread(work)
-        )
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-        while (done := await queue.get()) is not None:
-            assert isinstance(done, int)
-            yield animate_pb2.RenderResponse(
-                progress=animate_pb2.RenderProgress(
-                    fraction=min(1.0, done / max(1, total)),
-                    frames_done=done,
-                    frames_total=total,
-                    stage="render",
-                )
-            )
-        mp4, frame_count, segment_count = await job
-        for offset in range(0, len(mp4), MP4_CHUNK_BYTES):
-            yield animate_pb2.RenderResponse(
-                chunk=animate_pb2.Mp4Chunk(
-                    content=mp4[offset : offset + MP4_CHUNK_BYTES], offset_bytes=offset
-                )
-            )
-        height, width = animator.portrait.shape[:2]
-        yield animate_pb2.RenderResponse(
-            result=animate_pb2.RenderResult(
-                duration_ms=round(len(audio) / rate * 1000),
-                size_bytes=len(mp4),
-                video_codec="h264",
-                audio_codec="aac",
-                width=width,
-                height=height,
-                fps=fps,
-                frame_count=frame_count,
-                segment_count=segment_count,
-            )
-        )
+        return audio, rate
 
     async def GetAvatar(
         self, request: animate_pb2.GetAvatarRequest, context: aio.ServicerContext
@@ -257,10 +171,42 @@ class AnimateServicer(animate_pb2_grpc.AnimateServiceServicer):
     async def DeleteAvatar(
         self, request: animate_pb2.DeleteAvatarRequest, context: aio.ServicerContext
     ) -> animate_pb2.DeleteAvatarResponse:
-        await asyncio.to_thread(self.engine.store.delete, request.avatar_id)
-        for key in [k for k in self._rigs if k[0] == request.avatar_id]:
-            self._rigs.pop(key, None)
+        await asyncio.to_thread(self.engine.delete, request.avatar_id)
         return animate_pb2.DeleteAvatarResponse()
+
+
+@dataclass
+class LiveAnimation:
+    """One Animate stream after its config: audio chunks in, frames out."""
+
+    animator: Animator
+    layout: PcmLayout
+    encoding: int
+    quality: int
+    chunks: int = 0
+
+    def __post_init__(self) -> None:
+        self.resampler = StreamResampler(self.layout.sample_rate_hz, SAMPLE_RATE_HZ)
+
+    async def feed(self, message: animate_pb2.AnimateRequest) -> list[animate_pb2.VideoFrame]:
+        self.animator.add_spans(phoneme_spans(message.phonemes))
+        which = message.WhichOneof("request")
+        if which is None and message.phonemes:
+            return []  # timings ahead of their audio
+        if which != "audio":
+            raise InvalidInput("Only the first message may carry config; send audio after it.")
+        self.chunks += 1
+        pcm = decode_pcm(message.audio, self.layout, f"audio chunk {self.chunks}")
+        return await self._frames(self.resampler.process(pcm), final=False)
+
+    async def finish(self) -> list[animate_pb2.VideoFrame]:
+        tail = self.resampler.process(np.zeros(0, np.float32), last=True)
+        return await self._frames(tail, final=True)
+
+    async def _frames(self, samples: np.ndarray, final: bool) -> list[animate_pb2.VideoFrame]:
+        return await asyncio.to_thread(
+            frame_messages, self.animator, samples, final, self.encoding, self.quality
+        )
 
 
 MAX_PHONEMES = 20_000  # per message: about half an hour of speech
@@ -294,15 +240,6 @@ def phoneme_spans(timings: Sequence[audio_pb2.PhonemeTiming]) -> list[Span]:
     return spans_from_phonemes(ipa) + pinyin_spans(pinyin)
 
 
-def _add_phonemes(
-    animator: PortraitAnimator | Wav2LipAnimator, timings: Sequence[audio_pb2.PhonemeTiming]
-) -> None:
-    spans = phoneme_spans(timings)
-    # Wav2Lip reads the lips off the audio itself; timings are for the embedded animator.
-    if isinstance(animator, PortraitAnimator):
-        animator.add_spans(spans)
-
-
 def check_fps(fps: int) -> int:
     fps = fps or 25
     if not MIN_FPS <= fps <= MAX_FPS:
@@ -310,12 +247,8 @@ def check_fps(fps: int) -> int:
     return fps
 
 
-def _render(
-    animator: PortraitAnimator | Wav2LipAnimator,
-    samples: np.ndarray,
-    final: bool,
-    encoding: int,
-    quality: int,
+def frame_messages(
+    animator: Animator, samples: np.ndarray, final: bool, encoding: int, quality: int
 ) -> list[animate_pb2.VideoFrame]:
     frames = []
     for index, rgb, _openness in animator.frames_for(samples, final=final):
@@ -339,115 +272,30 @@ def _render(
     return frames
 
 
-SEGMENT_OVER_S = 60.0  # longer audio is rendered in segments
-SEGMENT_TARGET_S = (30.0, 50.0)  # each cut lands in the quietest spot of this window
+def progress_message(done: int, total: int) -> animate_pb2.RenderProgress:
+    return animate_pb2.RenderProgress(
+        fraction=min(1.0, done / max(1, total)),
+        frames_done=done,
+        frames_total=total,
+        stage="render",
+    )
 
 
-def segment_cuts(audio: np.ndarray, rate: int, fps: int) -> list[int]:
-    """Sample offsets that cut `audio` into 30-50 s segments at its quietest
-    moments, each on a frame boundary; [0, len] when it is short."""
-    hop = rate // fps  # AAC rates / common fps divide evenly (16000/25 = 640)
-    cuts = [0]
-    if len(audio) / rate > SEGMENT_OVER_S:
-        window = int(0.1 * rate)
-        while len(audio) - cuts[-1] > SEGMENT_TARGET_S[1] * rate:
-            lo = cuts[-1] + int(SEGMENT_TARGET_S[0] * rate)
-            hi = cuts[-1] + int(SEGMENT_TARGET_S[1] * rate)
-            stretch = audio[lo:hi]
-            energy = np.convolve(stretch**2, np.ones(window) / window, mode="same")
-            quietest = lo + int(np.argmin(energy[window:-window])) + window
-            cuts.append(quietest // hop * hop)
-    return [*cuts, len(audio)]
-
-
-def _encode_video(
-    animator: PortraitAnimator | Wav2LipAnimator,
-    audio16: np.ndarray,
-    final: bool,
-    fps: int,
-    progress: Callable[[int], None],
-) -> tuple[bytes, int]:
-    output = io.BytesIO()
+def result_message(
+    video: RenderedVideo, animator: Animator, duration_s: float, fps: int
+) -> animate_pb2.RenderResult:
     height, width = animator.portrait.shape[:2]
-    count = 0
-    with av.open(output, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "23"}
-        for index, rgb, _openness in animator.frames_for(audio16, final=final):
-            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-            count += 1
-            if index % 25 == 0:
-                progress(index + 1)
-        for packet in video.encode():
-            container.mux(packet)
-    return output.getvalue(), count
-
-
-def _lowest_priority() -> None:
-    # The encoder threads this thread starts inherit its nice value: the whole
-    # render yields the CPU to live turns.
-    lower_cpu_priority(19, thread_only=True)
-
-
-# Renders nobody waits on, one at a time on a thread of their own (a thread
-# cannot be given its priority back without privileges, so it is never shared
-# with live work).
-BACKGROUND_RENDERS = ThreadPoolExecutor(
-    max_workers=1, thread_name_prefix="background-render", initializer=_lowest_priority
-)
-
-
-def render_mp4(
-    animator: PortraitAnimator | Wav2LipAnimator,
-    audio: np.ndarray,
-    rate: int,
-    fps: int,
-    progress: Callable[[int], None],
-) -> tuple[bytes, int, int]:
-    """H.264 + AAC mp4 in memory (no temp file). The video is rendered in
-    segments of 30-50 s cut at silences and joined by copying packets (no
-    re-encoding); the audio is encoded once for the whole clip, so joins add
-    no AAC priming gaps. Returns (bytes, frame count, segment count)."""
-    cuts = segment_cuts(audio, rate, fps)
-    segments = []
-    for number, (start, stop) in enumerate(itertools.pairwise(cuts)):
-        piece16 = resample(audio[start:stop], rate, SAMPLE_RATE_HZ)
-        segments.append(_encode_video(animator, piece16, number == len(cuts) - 2, fps, progress))
-    output = io.BytesIO()
-    frames = 0
-    with av.open(output, "w", format="mp4") as container:
-        with av.open(io.BytesIO(segments[0][0])) as first:
-            video = container.add_stream_from_template(first.streams.video[0])
-        sound = container.add_stream("aac", rate=rate)
-        sound.layout = "mono"
-        for data, count in segments:
-            with av.open(io.BytesIO(data), "r") as segment:
-                source = segment.streams.video[0]
-                assert source.time_base is not None
-                offset = int(frames / fps / source.time_base)
-                for packet in segment.demux(source):
-                    if packet.dts is None or packet.pts is None:
-                        continue  # the demuxer's end-of-stream marker
-                    packet.pts += offset
-                    packet.dts += offset
-                    packet.stream = video
-                    container.mux(packet)
-            frames += count
-        pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        for start in range(0, len(pcm), 1024):
-            frame = av.AudioFrame.from_ndarray(
-                pcm[None, start : start + 1024], format="s16", layout="mono"
-            )
-            frame.sample_rate = rate
-            frame.pts = start
-            for packet in sound.encode(frame):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
-    progress(frames)
-    return output.getvalue(), frames, len(segments)
+    return animate_pb2.RenderResult(
+        duration_ms=round(duration_s * 1000),
+        size_bytes=len(video.mp4),
+        video_codec="h264",
+        audio_codec="aac",
+        width=width,
+        height=height,
+        fps=fps,
+        frame_count=video.frame_count,
+        segment_count=video.segment_count,
+    )
 
 
 def check_message(check: Check) -> animate_pb2.PortraitCheck:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -187,6 +188,9 @@ class Wav2LipAnimator:
         self._faces = torch.from_numpy(np.concatenate([masked, face], axis=2).transpose(2, 0, 1))
         self._audio = np.zeros(0, dtype=np.float32)
         self.frame_index = 0
+
+    def add_spans(self, spans: list[Any]) -> None:
+        """Wav2Lip reads the lips off the audio itself: phoneme timings are not used."""
 
     def frames_for(
         self, audio: np.ndarray, final: bool = False

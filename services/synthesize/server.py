@@ -6,39 +6,33 @@ Coqui XTTS model when one is configured (CreateVoice)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
-import numpy as np
 from grpc import aio
 
-from services.common.audio import (
-    OUTPUT_ENCODINGS,
-    StreamResampler,
-    decode_clip,
-    encode_samples,
-    encoding_name,
-    streaming_wav_header,
-)
+from services.common.audio import OUTPUT_ENCODINGS, decode_clip, encoding_name
+from services.common.bridge import ThreadStream
 from services.common.errors import InvalidInput, LimitExceeded, PreconditionFailed
 from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
+from services.synthesize.chunks import AudioChunker
 from services.synthesize.config import SynthesizeSettings
-from services.synthesize.engine import InstalledVoice, PiperEngine
+from services.synthesize.engine import InstalledVoice, NewVoice, PiperEngine
 from services.synthesize.voice_profiles import (
     ADVICE,
     CLONED,
-    MATCHED,
     QualityReport,
     VoiceProfile,
     assess_reference,
-    now,
 )
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
+
+log = logging.getLogger("talker.synthesize")
 
 # Trailing metadata naming the voice that spoke (archive records cite it).
 VOICE_METADATA_KEY = "x-talker-voice"
@@ -78,7 +72,6 @@ _PHRASE_STARTS = frozenset(
     ]
 )
 MIN_WORDS_TO_SPLIT = 9
-_DONE = object()
 
 
 class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
@@ -91,7 +84,36 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
         self, request: synthesize_pb2.SynthesizeRequest, context: aio.ServicerContext
     ) -> AsyncIterator[synthesize_pb2.SynthesizeResponse]:
         received = time.perf_counter()
-        text = request.text.strip()
+        text = self._text(request.text)
+        rate_hz, encoding = self._output(request.output_format)
+        speaking_rate = check_speaking_rate(request.speaking_rate)
+        await self._mandarin_if_needed(request.voice_id, text)
+        speech = self.engine.speech_for(request.voice_id, text, split_first_clause)
+        # The voice that speaks, which may not be the one asked for (Chinese text
+        # sent to the default voice), for the caller's records. A trailer, not a
+        # header: the shared interceptor sends the headers before this handler runs.
+        context.set_trailing_metadata(((VOICE_METADATA_KEY, speech.voice_id),))
+        chunker = AudioChunker(
+            speech.sample_rate_hz,
+            rate_hz,
+            encoding,
+            self.settings.chunk_ms,
+            speech.notation,
+            received,
+        )
+        async with (
+            self.queue.slot(),
+            ThreadStream(lambda stop: speech.speak(text, speaking_rate, stop)) as pieces,
+        ):
+            async for piece in pieces:
+                for chunk in chunker.chunks(piece):
+                    yield synthesize_pb2.SynthesizeResponse(chunk=chunk)
+            for chunk in chunker.chunks(None):
+                yield synthesize_pb2.SynthesizeResponse(chunk=chunk)
+        yield synthesize_pb2.SynthesizeResponse(finished=chunker.finished())
+
+    def _text(self, text: str) -> str:
+        text = text.strip()
         if not text:
             raise InvalidInput("text is empty: send the words to speak.")
         if len(text) > self.settings.max_text_chars:
@@ -99,146 +121,56 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 f"text has {len(text)} characters; one call speaks at most "
                 f"{self.settings.max_text_chars}. Split it into several calls."
             )
-        rate_hz, encoding = self._output(request.output_format)
-        speaking_rate = request.speaking_rate or 1.0
-        if not (math.isfinite(speaking_rate) and 0.5 <= speaking_rate <= 2.0):
-            raise InvalidInput(
-                f"speaking_rate is {request.speaking_rate}; it must be 0 (normal) or from 0.5 to 2.0."
-            )
-        profile = self.engine.profiles.get(request.voice_id)
-        cloned = profile if profile is not None and profile.kind == CLONED else None
-        if cloned is not None:
-            self.engine.check_cloned(cloned, text)
-            source_rate_hz = self.engine.require_cloner().sample_rate_hz
-        else:
-            voice = (
-                self.engine.voice(profile.base_voice_id)
-                if profile
-                else self.engine.voice_for_text(request.voice_id, text)
-            )
-            self.engine.check_speakable(voice, text)
-            source_rate_hz = voice.sample_rate_hz
-        # The voice that speaks, which may not be the one asked for (Chinese text
-        # sent to the default voice), for the caller's records. A trailer, not a
-        # header: the shared interceptor sends the headers before this handler runs.
-        context.set_trailing_metadata(
-            ((VOICE_METADATA_KEY, profile.voice_id if profile else voice.voice_id),)
-        )
-        out_format = audio_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate_hz, channels=1)
-        chunk_samples = rate_hz * self.settings.chunk_ms // 1000
-        async with self.queue.slot():
-            stop = threading.Event()
-            sentences: asyncio.Queue[object] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
+        return text
 
-            def piper_audio() -> Iterator[tuple[np.ndarray, bool, list[tuple[str, float, float]]]]:
-                # The Mandarin voice cuts its text into clauses itself.
-                pieces = [text] if voice.mandarin_speaker else split_first_clause(text)
-                for piece in pieces:
-                    timings: list[list[tuple[str, float, float]]] = []
-                    for audio, ends_sentence in self.engine.synthesize_marked(
-                        voice, piece, speaking_rate, stop, timings
-                    ):
-                        sounds = timings[-1] if timings else []
-                        if profile is not None:
-                            length = len(audio)
-                            audio = self.engine.match(audio, voice, profile)
-                            # Matching may stretch the audio: the timings stretch with it.
-                            stretch = len(audio) / max(1, length)
-                            sounds = [(p, s * stretch, d * stretch) for p, s, d in sounds]
-                        yield audio, ends_sentence, sounds
-                    if stop.is_set():
-                        return
-
-            def produce() -> None:
-                try:
-                    audio_pieces = (
-                        self.engine.synthesize_cloned(cloned, text, speaking_rate, stop)
-                        if cloned is not None
-                        else piper_audio()
-                    )
-                    for item in audio_pieces:
-                        loop.call_soon_threadsafe(sentences.put_nowait, item)
-                finally:
-                    loop.call_soon_threadsafe(sentences.put_nowait, _DONE)
-
-            worker = asyncio.ensure_future(asyncio.to_thread(produce))
-            resampler = StreamResampler(source_rate_hz, rate_hz)
-            sent = 0
-            source_samples = 0  # at the voice's own rate: the timings' clock
-            # Piper reports IPA phonemes, the Mandarin voice pinyin syllables.
-            notation = "pinyin" if cloned is None and voice.mandarin_speaker else "ipa"
-            pending_sounds: list[audio_pb2.PhonemeTiming] = []
-            sentence_count = 0  # sentences whose audio has all been handed over
-            first_chunk_ms = 0
-            header = (
-                streaming_wav_header(rate_hz) if encoding == audio_pb2.AUDIO_ENCODING_WAV else b""
-            )
-            try:
-                while True:
-                    item = await sentences.get()
-                    last = item is _DONE
-                    samples: np.ndarray = np.zeros(0, np.float32)
-                    ends_sentence = False
-                    if not last:
-                        parts = cast(tuple[Any, ...], item)
-                        samples, ends_sentence = parts[0], parts[1]
-                        # Piper's items carry the sentence's phoneme timings; cloned voices' do not.
-                        sounds: list[tuple[str, float, float]] = parts[2] if len(parts) > 2 else []
-                        start_s = source_samples / source_rate_hz
-                        pending_sounds += [
-                            audio_pb2.PhonemeTiming(
-                                phoneme=p,
-                                start_ms=round((start_s + s) * 1000),
-                                duration_ms=round(d * 1000),
-                                notation=notation,
-                            )
-                            for p, s, d in sounds
-                        ]
-                        source_samples += len(samples)
-                    audio = resampler.process(samples, last=last)
-                    # The resampler's tail, flushed at the end, is the last sentence's.
-                    sentence_index = max(sentence_count - 1, 0) if last else sentence_count
-                    for start in range(0, len(audio), chunk_samples):
-                        piece = audio[start : start + chunk_samples]
-                        if not first_chunk_ms:
-                            first_chunk_ms = max(1, round((time.perf_counter() - received) * 1000))
-                        yield synthesize_pb2.SynthesizeResponse(
-                            chunk=synthesize_pb2.AudioChunk(
-                                audio=header + encode_samples(piece, encoding),
-                                format=out_format,
-                                offset_samples=sent,
-                                offset_ms=sent * 1000 // rate_hz,
-                                duration_ms=len(piece) * 1000 // rate_hz,
-                                sentence_index=sentence_index,
-                                phonemes=pending_sounds,
-                            )
-                        )
-                        pending_sounds = []
-                        header = b""
-                        sent += len(piece)
-                    if last:
-                        break
-                    if ends_sentence:
-                        sentence_count += 1
-                await worker
-            finally:
-                stop.set()
-                await asyncio.shield(worker)
-        yield synthesize_pb2.SynthesizeResponse(
-            finished=synthesize_pb2.SynthesisFinished(
-                duration_ms=sent * 1000 // rate_hz,
-                sample_count=sent,
-                sentence_count=sentence_count,
-                first_chunk_ms=first_chunk_ms,
-            )
-        )
+    async def _mandarin_if_needed(self, voice_id: str | None = None, text: str = "") -> None:
+        """Waits (off the event loop) for the Mandarin voice while it still loads
+        after SERVING, when this call may need it; `voice_id` None: any call."""
+        if (voice_id is None and self.engine.mandarin_loading) or (
+            voice_id is not None and self.engine.waits_for_mandarin(voice_id, text)
+        ):
+            log.info("waiting for the Mandarin voice to finish loading")
+            await asyncio.to_thread(self.engine.wait_for_voices)
 
     async def CreateVoice(
         self,
         request_iterator: AsyncIterator[synthesize_pb2.CreateVoiceRequest],
         context: aio.ServicerContext,
     ) -> synthesize_pb2.CreateVoiceResponse:
+        config, recording = await self._reference(request_iterator)
+        named = NewVoice(
+            display_name=config.display_name.strip(),
+            language=config.language,
+            description=config.description[:500],
+            consent=config.consent,
+        )
+        if not named.display_name or len(named.display_name) > 80:
+            raise InvalidInput("display_name must be 1 to 80 characters.")
+        cloned = self._cloned(config)
+        await self._mandarin_if_needed()
+        base = self.engine.base_for(config.language)
+        named.language = config.language or base.language
+        if cloned:  # refused before the recording is analysed: no model, or not its language
+            self.engine.require_cloner().language_code(named.language)
+        audio, rate_hz = self._reference_audio(config.format, recording)
+        report = await asyncio.to_thread(assess_reference, audio, rate_hz)
+        if not report.acceptable:
+            reasons = " ".join(f"({i}) {p}" for i, p in enumerate(report.problems, start=1))
+            raise InvalidInput(f"The reference recording cannot be used: {reasons} {ADVICE}")
+        if config.validate_only:
+            return synthesize_pb2.CreateVoiceResponse(
+                voice=checked_voice_message(named, report, cloned, base.voice_id)
+            )
+        async with self.queue.slot():
+            profile = await asyncio.to_thread(
+                self.engine.make_voice, audio, rate_hz, cloned, base, report, named
+            )
+        return synthesize_pb2.CreateVoiceResponse(voice=self.made_voice_message(profile))
+
+    async def _reference(
+        self, request_iterator: AsyncIterator[synthesize_pb2.CreateVoiceRequest]
+    ) -> tuple[synthesize_pb2.CreateVoiceConfig, bytes]:
+        """The config (first message) and the recording (the rest), bounded."""
         config: synthesize_pb2.CreateVoiceConfig | None = None
         pieces: list[bytes] = []
         size = 0
@@ -263,9 +195,10 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             pieces.append(message.audio)
         if config is None:
             raise InvalidInput("The stream ended before its first message (the config).")
-        display_name = config.display_name.strip()
-        if not display_name or len(display_name) > 80:
-            raise InvalidInput("display_name must be 1 to 80 characters.")
+        return config, b"".join(pieces)
+
+    def _cloned(self, config: synthesize_pb2.CreateVoiceConfig) -> bool:
+        """Whether the voice is to be cloned (else matched), consent checked first."""
         # Unset: the best this server can do (a neural clone when a model is configured).
         kind = config.kind or (
             synthesize_pb2.VOICE_KIND_CLONED
@@ -283,70 +216,21 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
                 "`consent` (`talker voices add ... --consent`) once the recorded person has "
                 "agreed to have their voice reproduced."
             )
-        base = self.engine.voice(self.settings.default_voice_id)
-        if config.language.lower().startswith("zh"):
-            # A matched Mandarin voice is the Mandarin voice moved toward the speaker.
-            base = self.engine.voice_for_script("CJK") or base
-        language = config.language or base.language
-        if kind == synthesize_pb2.VOICE_KIND_CLONED:
-            # Refused before the recording is analysed: no model, or not its language.
-            self.engine.require_cloner().language_code(language)
-        elif kind != synthesize_pb2.VOICE_KIND_MATCHED:
+        if kind not in (synthesize_pb2.VOICE_KIND_CLONED, synthesize_pb2.VOICE_KIND_MATCHED):
             raise InvalidInput(
                 "kind must be VOICE_KIND_MATCHED or VOICE_KIND_CLONED (or unset); built-in "
                 "voices are added as files to the voices folder."
             )
-        fmt = config.format
-        audio, rate_hz = decode_clip(
-            b"".join(pieces), fmt.encoding, fmt.sample_rate_hz, fmt.channels
-        )
+        return kind == synthesize_pb2.VOICE_KIND_CLONED
+
+    def _reference_audio(self, fmt: audio_pb2.AudioFormat, recording: bytes) -> tuple[Any, int]:
+        audio, rate_hz = decode_clip(recording, fmt.encoding, fmt.sample_rate_hz, fmt.channels)
         if len(audio) / rate_hz > self.settings.max_reference_s:
             raise LimitExceeded(
                 f"The reference is {len(audio) / rate_hz:.0f} s long; at most "
                 f"{self.settings.max_reference_s:.0f} s is used. Send a shorter excerpt."
             )
-        report = await asyncio.to_thread(assess_reference, audio, rate_hz)
-        if not report.acceptable:
-            reasons = " ".join(f"({i}) {p}" for i, p in enumerate(report.problems, start=1))
-            raise InvalidInput(f"The reference recording cannot be used: {reasons} {ADVICE}")
-        cloned = kind == synthesize_pb2.VOICE_KIND_CLONED
-        if config.validate_only:
-            return synthesize_pb2.CreateVoiceResponse(
-                voice=synthesize_pb2.Voice(
-                    display_name=display_name,
-                    language=language,
-                    kind=kind,
-                    quality=quality_message(report),
-                    matched_voice_id="" if cloned else base.voice_id,
-                )
-            )
-        voice_id = self.engine.profiles.new_id()
-        async with self.queue.slot():
-            fitted: dict[str, Any]
-            if cloned:
-                fitted = await asyncio.to_thread(self.engine.clone, audio, rate_hz, voice_id)
-            else:
-                fitted = await asyncio.to_thread(self.engine.fit_match, audio, rate_hz, base)
-        profile = VoiceProfile(
-            voice_id=voice_id,
-            display_name=display_name,
-            language=language,
-            base_voice_id="" if cloned else base.voice_id,
-            description=config.description[:500],
-            consent=config.consent,
-            created=now(),
-            quality=report.__dict__ | {"problems": [], "warnings": report.warnings},
-            embedding=fitted["embedding"],
-            f0_log_mean=fitted["f0_log_mean"],
-            f0_log_std=fitted["f0_log_std"],
-            formant_ratio=fitted["formant_ratio"],
-            similarity_before=fitted["similarity_before"],
-            similarity_after=fitted["similarity_after"],
-            kind=CLONED if cloned else MATCHED,
-            clone_model=fitted.get("clone_model", ""),
-        )
-        await asyncio.to_thread(self.engine.profiles.save, profile)
-        return synthesize_pb2.CreateVoiceResponse(voice=self.made_voice_message(profile))
+        return audio, rate_hz
 
     def made_voice_message(self, profile: VoiceProfile) -> synthesize_pb2.Voice:
         """A MATCHED or CLONED voice as a message."""
@@ -380,6 +264,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
     async def GetVoice(
         self, request: synthesize_pb2.GetVoiceRequest, context: aio.ServicerContext
     ) -> synthesize_pb2.GetVoiceResponse:
+        await self._mandarin_if_needed()
         profile = self.engine.profiles.get(request.voice_id)
         if profile is not None:
             return synthesize_pb2.GetVoiceResponse(voice=self.made_voice_message(profile))
@@ -390,6 +275,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
     async def ListVoices(
         self, request: synthesize_pb2.ListVoicesRequest, context: aio.ServicerContext
     ) -> synthesize_pb2.ListVoicesResponse:
+        await self._mandarin_if_needed()
         voices = [
             v
             for v in self.engine.voices.values()
@@ -410,6 +296,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
     async def DeleteVoice(
         self, request: synthesize_pb2.DeleteVoiceRequest, context: aio.ServicerContext
     ) -> synthesize_pb2.DeleteVoiceResponse:
+        await self._mandarin_if_needed()
         if self.engine.profiles.get(request.voice_id) is not None:
             self.engine.profiles.delete(request.voice_id)
             self.engine.forget(request.voice_id)
@@ -434,6 +321,28 @@ def split_first_clause(text: str) -> list[str]:
             head = " ".join(words[:index])
             return [head, text[len(head) :].lstrip()]
     return [text]
+
+
+def check_speaking_rate(speaking_rate: float) -> float:
+    rate = speaking_rate or 1.0
+    if not (math.isfinite(rate) and 0.5 <= rate <= 2.0):
+        raise InvalidInput(
+            f"speaking_rate is {speaking_rate}; it must be 0 (normal) or from 0.5 to 2.0."
+        )
+    return rate
+
+
+def checked_voice_message(
+    named: NewVoice, report: QualityReport, cloned: bool, base_voice_id: str
+) -> synthesize_pb2.Voice:
+    """A voice that would be made (validate_only)."""
+    return synthesize_pb2.Voice(
+        display_name=named.display_name,
+        language=named.language,
+        kind=synthesize_pb2.VOICE_KIND_CLONED if cloned else synthesize_pb2.VOICE_KIND_MATCHED,
+        quality=quality_message(report),
+        matched_voice_id="" if cloned else base_voice_id,
+    )
 
 
 def language_matches(language: str, wanted: str) -> bool:

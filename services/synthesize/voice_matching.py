@@ -10,14 +10,15 @@ cloning path."""
 
 from __future__ import annotations
 
+import threading
 import warnings
+from typing import Any
 
 import numpy as np
 
-with warnings.catch_warnings():  # pyworld and webrtcvad import pkg_resources
+with warnings.catch_warnings():  # pyworld imports pkg_resources
     warnings.simplefilter("ignore")
     import pyworld
-    from resemblyzer import VoiceEncoder, preprocess_wav
 
 from services.common.audio import resample
 
@@ -32,11 +33,28 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 class VoiceMatcher:
     def __init__(self) -> None:
-        self.encoder = VoiceEncoder("cpu", verbose=False)
+        self._encoder: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def encoder(self) -> Any:
+        """The speaker encoder, loaded when a voice is first made: resemblyzer
+        imports torch (~1 s), which speaking a matched voice does not need."""
+        with self._lock:
+            if self._encoder is None:
+                with warnings.catch_warnings():  # webrtcvad imports pkg_resources
+                    warnings.simplefilter("ignore")
+                    from resemblyzer import VoiceEncoder
+
+                self._encoder = VoiceEncoder("cpu", verbose=False)
+            return self._encoder
 
     def embed(self, audio: np.ndarray, rate_hz: int) -> np.ndarray:
+        encoder = self.encoder
+        from resemblyzer import preprocess_wav
+
         wav = preprocess_wav(resample(audio, rate_hz, EMBED_RATE_HZ), source_sr=EMBED_RATE_HZ)
-        return self.encoder.embed_utterance(wav)
+        return encoder.embed_utterance(wav)
 
     @staticmethod
     def f0_stats(audio: np.ndarray, rate_hz: int) -> tuple[float, float]:
