@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,14 @@ from services.asr.streaming import (
     StreamOptions,
     StreamOutput,
 )
-from services.common.audio import StreamResampler, decode_clip, decode_pcm, raw_layout, resample
+from services.common.audio import (
+    PcmLayout,
+    StreamResampler,
+    decode_clip,
+    decode_pcm,
+    raw_layout,
+    resample,
+)
 from services.common.errors import InvalidInput, LimitExceeded
 from services.common.runtime import GrpcProgram, run_program
 from services.common.work_queue import WorkQueue
@@ -93,64 +101,35 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         incoming: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(_pump(request_iterator, incoming))
         try:
-            first = await incoming.get()
-            if first is _END:
-                raise InvalidInput("The stream ended before its first message (the config).")
-            if isinstance(first, BaseException):
-                raise first
-            if first.WhichOneof("request") != "config":
-                raise InvalidInput(
-                    "The first message of a stream must carry `config`; it carried "
-                    f"{first.WhichOneof('request') or 'nothing'}."
-                )
-            stream_config = first.config
-            layout, options = self._stream_options(stream_config)
-            recognizer = StreamingRecognizer(self.engine, options)
-            resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
-            max_samples = int(self.settings.max_stream_s * layout.sample_rate_hz)
-            received = 0
-            chunk_index = 0
-            wall_timeout = options.silence_timeout_s
-            while not recognizer.done:
-                try:
-                    message = await asyncio.wait_for(incoming.get(), timeout=wall_timeout)
-                except TimeoutError:
-                    # Nothing at all arrived: a device that stopped sending is a silent one.
-                    outputs: list[StreamOutput] = [SilenceTimeout(recognizer.audio_ms)]
-                    recognizer.done = True
-                else:
-                    if message is _END:
-                        tail = resampler.process(np.zeros(0, np.float32), last=True)
-                        outputs = await asyncio.to_thread(_accept_then_finish, recognizer, tail)
-                    elif isinstance(message, BaseException):
-                        raise message
-                    else:
-                        chunk_index += 1
-                        which = message.WhichOneof("request")
-                        if which != "audio":
-                            raise InvalidInput(
-                                f"Message {chunk_index} of the stream carried "
-                                f"{which or 'nothing'}; only the first message may carry "
-                                "config, every later one carries audio."
-                            )
-                        samples = decode_pcm(message.audio, layout, f"audio chunk {chunk_index}")
-                        received += len(samples)
-                        if received > max_samples:
-                            outputs = await asyncio.to_thread(recognizer.finish)
-                            for response in stream_messages(outputs):
-                                yield response
-                            raise LimitExceeded(
-                                f"The stream reached its limit of {self.settings.max_stream_s:.0f}"
-                                " s of audio; the utterance in progress was finalised. Open a "
-                                "new stream to continue."
-                            )
-                        audio16 = resampler.process(samples)
-                        outputs = await asyncio.to_thread(recognizer.accept, audio16)
+            stream = self._open(await incoming.get())
+            while not stream.recognizer.done:
+                outputs, error = await stream.step(incoming)
                 for response in stream_messages(outputs):
                     yield response
+                if error is not None:
+                    raise error
         finally:
             self.live_streams -= 1
             reader.cancel()
+
+    def _open(self, first: Any) -> LiveStream:
+        """A stream's recognizer from its first message (the config)."""
+        if first is _END:
+            raise InvalidInput("The stream ended before its first message (the config).")
+        if isinstance(first, BaseException):
+            raise first
+        if first.WhichOneof("request") != "config":
+            raise InvalidInput(
+                "The first message of a stream must carry `config`; it carried "
+                f"{first.WhichOneof('request') or 'nothing'}."
+            )
+        layout, options = self._stream_options(first.config)
+        return LiveStream(
+            StreamingRecognizer(self.engine, options),
+            StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ),
+            layout,
+            self.settings.max_stream_s,
+        )
 
     def _stream_options(
         self, config: asr_pb2.StreamingRecognitionConfig
@@ -162,22 +141,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         layout = raw_layout(
             config.format.encoding, config.format.sample_rate_hz, config.format.channels
         )
-        if config.interim_interval_ms and config.interim_interval_ms < 200:
-            raise InvalidInput(
-                f"interim_interval_ms is {config.interim_interval_ms}; it must be 0 (default) "
-                "or at least 200."
-            )
-        if config.end_of_utterance_silence_ms and not (
-            100 <= config.end_of_utterance_silence_ms <= 5000
-        ):
-            raise InvalidInput(
-                f"end_of_utterance_silence_ms is {config.end_of_utterance_silence_ms}; it must be "
-                "0 (default) or between 100 and 5000."
-            )
-        if config.silence_timeout_s > 3600:
-            raise InvalidInput(
-                f"silence_timeout_s is {config.silence_timeout_s}; it must be at most 3600."
-            )
+        check_stream_config(config)
         options = StreamOptions(
             language=language,
             initial_prompt=recognition.initial_prompt,
@@ -195,6 +159,78 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             final_beam_size=recognition.beam_size or settings.final_beam_size,
         )
         return layout, options
+
+
+def check_stream_config(config: asr_pb2.StreamingRecognitionConfig) -> None:
+    if config.interim_interval_ms and config.interim_interval_ms < 200:
+        raise InvalidInput(
+            f"interim_interval_ms is {config.interim_interval_ms}; it must be 0 (default) "
+            "or at least 200."
+        )
+    if config.end_of_utterance_silence_ms and not (
+        100 <= config.end_of_utterance_silence_ms <= 5000
+    ):
+        raise InvalidInput(
+            f"end_of_utterance_silence_ms is {config.end_of_utterance_silence_ms}; it must be "
+            "0 (default) or between 100 and 5000."
+        )
+    if config.silence_timeout_s > 3600:
+        raise InvalidInput(
+            f"silence_timeout_s is {config.silence_timeout_s}; it must be at most 3600."
+        )
+
+
+@dataclass
+class LiveStream:
+    """One StreamingRecognize call after its config: audio in, speech events and results out."""
+
+    recognizer: StreamingRecognizer
+    resampler: StreamResampler
+    layout: PcmLayout
+    max_stream_s: float
+    received: int = 0  # samples at the caller's rate
+    chunks: int = 0
+
+    async def step(
+        self, incoming: asyncio.Queue[Any]
+    ) -> tuple[list[StreamOutput], Exception | None]:
+        """What the next message (or the lack of one) brings, and an error to
+        raise once that is sent."""
+        try:
+            message = await asyncio.wait_for(
+                incoming.get(), timeout=self.recognizer.options.silence_timeout_s
+            )
+        except TimeoutError:
+            # Nothing at all arrived: a device that stopped sending is a silent one.
+            self.recognizer.done = True
+            return [SilenceTimeout(self.recognizer.audio_ms)], None
+        if message is _END:
+            tail = self.resampler.process(np.zeros(0, np.float32), last=True)
+            return await asyncio.to_thread(_accept_then_finish, self.recognizer, tail), None
+        if isinstance(message, BaseException):
+            raise message
+        return await self._audio(message)
+
+    async def _audio(
+        self, message: asr_pb2.StreamingRecognizeRequest
+    ) -> tuple[list[StreamOutput], Exception | None]:
+        self.chunks += 1
+        which = message.WhichOneof("request")
+        if which != "audio":
+            raise InvalidInput(
+                f"Message {self.chunks} of the stream carried {which or 'nothing'}; only the "
+                "first message may carry config, every later one carries audio."
+            )
+        samples = decode_pcm(message.audio, self.layout, f"audio chunk {self.chunks}")
+        self.received += len(samples)
+        if self.received > self.max_stream_s * self.layout.sample_rate_hz:
+            outputs = await asyncio.to_thread(self.recognizer.finish)
+            return outputs, LimitExceeded(
+                f"The stream reached its limit of {self.max_stream_s:.0f} s of audio; the "
+                "utterance in progress was finalised. Open a new stream to continue."
+            )
+        audio16 = self.resampler.process(samples)
+        return await asyncio.to_thread(self.recognizer.accept, audio16), None
 
 
 _END = object()
