@@ -9,11 +9,15 @@ a client would), turns never answered, and partial files left."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import grpc
 
@@ -131,6 +135,7 @@ def main() -> None:
         worker.join(120)
         archive = system.var_dir / "archive"
         partial = [p for p in archive.rglob("*") if ".partial" in p.name]
+        restarts = restart_rows(system.var_dir / "log")
     print_table(
         "Hung program (SIGSTOP) to SERVING again in a new process, default watchdog probing",
         ["program", "SIGSTOP -> SERVING s"],
@@ -159,6 +164,71 @@ def main() -> None:
         ],
         [[client.answered, in_flight, refused, client.lost, len(partial)]],
     )
+    print_table(
+        "Where the restarts' time went (every start after the first, from the logs)",
+        [
+            "program",
+            "starts",
+            "spawn -> port open p50 s",
+            "port open -> SERVING p50 s",
+            "spawn -> SERVING max s",
+            "watchdog restarts",
+        ],
+        restarts,
+    )
+
+
+_SPAWNED = re.compile(r"^(\S+ \S+) INFO spawned: '(\w+)' with pid")
+
+
+def _event_times(log_file: Path, event: str) -> list[float]:
+    times = []
+    for line in log_file.read_text(errors="replace").splitlines() if log_file.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == event:
+            times.append(datetime.fromisoformat(record["ts"].replace("Z", "")).timestamp())
+    return times
+
+
+def restart_rows(log_dir: Path) -> list[list[object]]:
+    spawns: dict[str, list[float]] = {p: [] for p in PROGRAMS}
+    for line in (log_dir / "supervisor" / "supervisord.log").read_text().splitlines():
+        match = _SPAWNED.match(line)
+        if match and match.group(2) in spawns:
+            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            spawns[match.group(2)].append(when)
+    watchdog_lines = (log_dir / "watchdog.log").read_text(errors="replace")
+    rows: list[list[object]] = []
+    for program, starts in spawns.items():
+        listening = _event_times(log_dir / f"{program}.log", "listening")
+        serving = _event_times(log_dir / f"{program}.log", "serving")
+        opened, loaded, total = [], [], []
+        for start in starts[1:]:
+            port = next((t for t in listening if t >= start), None)
+            ready = next((t for t in serving if port is not None and t >= port), None)
+            if port is not None and ready is not None:
+                opened.append(port - start)
+                loaded.append(ready - port)
+                total.append(ready - start)
+        kills = sum(
+            1
+            for line in watchdog_lines.splitlines()
+            if '"restarting program"' in line and f'"program": "{program}"' in line
+        )
+        rows.append(
+            [
+                program,
+                len(starts) - 1,
+                percentile(opened, 50),
+                percentile(loaded, 50),
+                max(total) if total else float("nan"),
+                kills,
+            ]
+        )
+    return rows
 
 
 if __name__ == "__main__":

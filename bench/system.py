@@ -3,6 +3,7 @@ supervisord on free ports, all SERVING, with the test portrait as an avatar."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ def running_system(env: dict[str, str] | None = None) -> Iterator[tuple[Supervis
     """Yields the running system and the id of the astronaut avatar on it."""
     with (
         tempfile.TemporaryDirectory(prefix="talker-bench-") as folder,
-        serving_system(Path(folder), env, timeout_s=300) as system,
+        serving_system(
+            Path(os.environ.get("TALKER_BENCH_VAR_DIR") or folder), env, timeout_s=300
+        ) as system,
     ):
         yield system, create_astronaut(system.addresses["animate"], "bench")

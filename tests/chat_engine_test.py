@@ -241,3 +241,29 @@ def test_a_hugging_face_folder_runs_on_transformers(tmp_path) -> None:  # type: 
     assert "paris" in text.lower(), text
     again, second = reply(engine, "What is the capital of France?", session_key="hf")
     assert again == text and second.reused_tokens > 0  # the session's cache was kept
+
+
+def test_a_restart_reads_the_openings_kept_on_disk_and_answers_the_same(
+    tmp_path: Path, chat_model: ChatEngine
+) -> None:
+    """The system prompts' keys and values are read once and kept in the cache:
+    a restarted engine loads them from there and its greedy reply is the same."""
+    model_path = str(embedded_path(ChatSettings().model, ChatSettings().cache_dir))
+    first = build_engine(ChatSettings(model_path=model_path, cache_dir=tmp_path))
+    first.load()
+    kept = sorted((tmp_path / "chat" / "openings").glob("*.state"))
+    assert len(kept) == len(ChatSettings().system_prompts)
+    stamps = [path.stat().st_mtime_ns for path in kept]
+    restarted = build_engine(ChatSettings(model_path=model_path, cache_dir=tmp_path))
+    restarted.load()
+    assert [path.stat().st_mtime_ns for path in kept] == stamps  # read, not written again
+    for question in ("Name three fruits.", "请用一句话介绍北京。"):
+        fresh, fresh_run = reply(first, question)
+        again, again_run = reply(restarted, question)
+        assert again == fresh and again_run.reused_tokens == fresh_run.reused_tokens > 0
+    # A state that does not fit (another build, a torn file) is never used as it is.
+    for path in kept:
+        path.write_bytes(b"not a state")
+    broken = build_engine(ChatSettings(model_path=model_path, cache_dir=tmp_path))
+    broken.load()
+    assert reply(broken, "Name three fruits.")[0] == reply(first, "Name three fruits.")[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -74,6 +75,8 @@ class GrpcProgram:
         self._interceptors = list(interceptors)
         self._credentials = credentials
         self._on_stop = on_stop
+        #: Runs on the loader's thread once the model is loaded, before SERVING.
+        self.after_load: Callable[[], None] | None = None
         self._ready = False
         self._conditions: set[str] = set()
         self._memory_task: asyncio.Task[None] | None = None
@@ -180,6 +183,8 @@ class GrpcProgram:
     async def _load_model(self) -> None:
         started = loop_time()
         await asyncio.to_thread(self._load)
+        if self.after_load is not None:
+            await asyncio.to_thread(self.after_load)
         await self.set_serving(True)
         log.info("serving", extra={"load_s": round(loop_time() - started, 3)})
 
@@ -272,6 +277,10 @@ def run_program(
     configure_logging(settings_class.program)
     settings = load_settings(settings_class, sys.argv[1:] if argv is None else argv)
     logging.getLogger().setLevel(settings.log_level.upper())
-    lower_cpu_priority(settings.cpu_niceness)
     program = build(settings)
+    # The nice value applies once the model is loaded (to every thread then, the
+    # engine's own pools too): a restart loads at full priority. Under contention
+    # a niced load was the slowest part of a restart: chat at nice 5 took 65 s to
+    # load on a host with a load average of 25, and the watchdog restarted it again.
+    program.after_load = functools.partial(lower_cpu_priority, settings.cpu_niceness)
     asyncio.run(program.run_until_terminated())
