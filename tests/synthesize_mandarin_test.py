@@ -19,6 +19,7 @@ import pytest
 import soundfile
 
 from services.synthesize.config import SynthesizeSettings
+from services.synthesize.engine import PiperEngine
 from services.synthesize.mandarin import (
     SPEAKERS,
     canonical_speaker,
@@ -349,3 +350,31 @@ def test_spoken_chinese_question_helper_is_heard_by_whisper(asr_engine) -> None:
     hypothesis = asr_engine.transcribe_clip(audio, "zh").text
     assert character_error_rate([question], [hypothesis]) <= 0.2, hypothesis
     assert set(SPEAKERS) >= {"Aiyue", "biaobei", "Xiaobei", "Aicheng", "Aida"}
+
+
+def test_serving_before_the_mandarin_voice_is_loaded_chinese_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Restart time: synthesize is SERVING once its Piper voices are ready and the
+    Mandarin voice goes on loading; a Chinese call and a voice listing made at
+    once wait for it rather than get another voice or a shorter list."""
+    server = InProcessServer(
+        build_program(
+            SynthesizeSettings(
+                port=0, metrics_port=0, voices_dir=tmp_path, mandarin_voices=["Aiyue"]
+            )
+        )
+    )
+    server.start()
+    engine = server.program.engine
+    assert isinstance(engine, PiperEngine)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = synthesize_pb2_grpc.SynthesizeServiceStub(channel)
+            listed = stub.ListVoices(synthesize_pb2.ListVoicesRequest(language="zh"))
+            assert DEFAULT_ZH in [v.voice_id for v in listed.voices]
+            responses, voice = call(stub, "你好。")
+            assert voice == DEFAULT_ZH and len(pcm(responses)) > 0
+            assert not engine.mandarin_loading
+    finally:
+        server.stop()

@@ -296,6 +296,10 @@ class PiperEngine:
                 )
             return self._calibration[voice.voice_id]
 
+    def prepare_match(self, base: InstalledVoice) -> None:
+        """Reads the calibration text with `base` now if it was not read yet."""
+        self._base_sample(base)
+
     def fit_match(
         self, reference: np.ndarray, rate_hz: int, base: InstalledVoice
     ) -> dict[str, object]:

@@ -65,6 +65,10 @@ class PiperSpeech:
     def speak(
         self, text: str, speaking_rate: float, stop: threading.Event
     ) -> Iterator[SpeechPiece]:
+        if self.profile is not None:
+            # Before the voice is busy: the base's calibration read (on first use)
+            # takes the voice's lock, which the synthesis below holds between sentences.
+            self.engine.prepare_match(self.voice)
         for piece in self.pieces(text):
             timings: list[list[Sound]] = []
             for audio, ends_sentence in self.engine.synthesize_marked(
