@@ -171,8 +171,11 @@ class LlamaCppEngine:
 
     def _warm_up(self) -> None:
         """A few tokens through the real path, so the first user does not pay for
-        lazy initialisation."""
-        prompt = self.prompt([{"role": "user", "content": "Hi"}])
+        lazy initialisation. It starts from an opening, so only a few tokens are
+        read: from scratch (the template's own system prompt) it was most of a
+        restart once the openings came from the cache."""
+        system = [{"role": "system", "content": p} for p in self.settings.system_prompts[:1]]
+        prompt = self.prompt([*system, {"role": "user", "content": "Hi"}])
         for _ in self.generate(
             prompt, GenerationParams(2, 1.0, 1.0, True), threading.Event(), GenerationRun(0)
         ):
