@@ -60,7 +60,8 @@ class WatchdogSettings(ServiceSettings):
         le=60,
         description="Seconds between probe rounds (every program probed at once). A hung "
         "program is killed after `failures_to_restart` rounds: at 2 s, probed one by one, "
-        "a SIGSTOPped one was SERVING again 8-25 s later on a busy 2-core host.",
+        "a SIGSTOPped one was SERVING again 8-25 s later on a busy 2-core host; at 1 s, "
+        "all at once, 5-10 s (python -m bench chaos).",
     )
     probe_timeout_s: float = Field(default=1.0, gt=0, le=30, description="Deadline of one probe.")
     failures_to_restart: int = Field(
