@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from operations.programs import PROGRAMS
 from services.common.health_probe import probe
-from services.common.programs import PROGRAMS
 from services.common.runtime import GrpcProgram
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from services.common.programs import PROGRAMS
+from operations.programs import PROGRAMS
 from tests.processes import VENV_BIN
 
 SERVICES = {

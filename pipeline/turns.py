@@ -6,15 +6,14 @@ is sent to the client the moment it is made, through `emit`."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import GatewaySettings
-from gateway.downstream import VOICE_METADATA_KEY, Stages, pcm_s16le
+from pipeline.stages import VOICE_METADATA_KEY, Stage, Stages, pcm_s16le
 from services.common.errors import InvalidInput, LimitExceeded
+from services.common.text import OpeningClause
 from talker.v1 import animate_pb2, audio_pb2, chat_pb2, synthesize_pb2, talker_pb2
 
 Emit = Callable[[talker_pb2.ConverseEvent], Awaitable[None]]
@@ -158,65 +157,17 @@ class HeldEmit:
         self.confirmed.set()
 
 
-class OpeningClause:
-    """Lets speech start before the first sentence is complete: the reply's
-    first clause ("Well, as far as I know,") goes to synthesis as soon as its
-    comma arrives, if it has at least MIN_WORDS words (a pause is natural
-    there, so the voice does not sound cut); the rest of the sentence follows
-    when the sentence ends. Only the first sentence: after it, whole sentences
-    already arrive faster than they are spoken."""
-
-    MIN_WORDS = 4
-    MIN_CJK_CHARS = 6
-    # A clause ends at a comma-like mark followed by a space (so "1,000" is not
-    # cut), or at a CJK one, which needs no space.
-    BOUNDARY = re.compile(r"[,;:\u2014\u2013](?=\s)|[\uff0c\uff1b\uff1a\u3001]")
-
-    def __init__(self) -> None:
-        self._text = ""
-        self._spoken = ""
-        self._open = True  # still inside the first sentence
-
-    def feed(self, delta: str) -> str:
-        """The opening clause to speak now, or ""."""
-        if not self._open or self._spoken:
-            return ""
-        self._text += delta
-        for match in self.BOUNDARY.finditer(self._text):
-            clause = self._text[: match.end()].strip()
-            words = len(clause.split())
-            cjk = sum(
-                1 for ch in clause if "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
-            )
-            if words >= self.MIN_WORDS or cjk >= self.MIN_CJK_CHARS:
-                self._spoken = clause
-                return clause
-        return ""
-
-    def rest_of(self, sentence: str) -> str:
-        """What of a complete sentence is still to be spoken."""
-        if not self._open:
-            return sentence
-        self._open = False
-        text = sentence.strip()
-        if self._spoken and text.startswith(self._spoken):
-            return text[len(self._spoken) :].strip()
-        return sentence
-
-
 class Reply:
     """Makes the reply of `turn` to `turn.user_text` and emits it."""
 
     def __init__(
         self,
         stages: Stages,
-        settings: GatewaySettings,
         call: CallContext,
         turn: Turn,
         emit: Emit,
     ) -> None:
         self.stages = stages
-        self.settings = settings
         self.call = call
         self.options = call.options
         self.turn = turn
@@ -225,7 +176,7 @@ class Reply:
     async def run(self) -> None:
         self.turn.reply_started = time.perf_counter()
         # A stage known to be down fails the turn now, before the others do work for nothing.
-        needed = [self.stages.chat]
+        needed: list[Stage] = [self.stages.chat]
         if self.options.speaks:
             needed.append(self.stages.synthesize)
         if self.options.live_video or self.options.render_mp4:
@@ -254,12 +205,9 @@ class Reply:
             speculation_id=turn.speculation_id,
             discard_speculation_id=turn.discard_speculation_id,
         )
-        stub = self.stages.chat_stub
         opening = OpeningClause()
         try:
-            async for response in self.stages.chat.stream(
-                stub.Chat, request, self.settings.chat_timeout_s
-            ):
+            async for response in self.stages.chat.chat(request):
                 which = response.WhichOneof("response")
                 if which == "delta":
                     turn.mark("first_token_ms")
@@ -286,7 +234,6 @@ class Reply:
         chunks: asyncio.Queue[synthesize_pb2.AudioChunk | None] | None,
     ) -> None:
         turn = self.turn
-        stub = self.stages.synthesize_stub
         try:
             while (item := await sentences.get()) is not None:
                 index, text = item
@@ -296,9 +243,7 @@ class Reply:
                     output_format=pcm_s16le(self.options.output_sample_rate_hz),
                 )
                 trailers: dict[str, str] = {}
-                async for response in self.stages.synthesize.stream(
-                    stub.Synthesize, request, self.settings.synthesize_timeout_s, trailers
-                ):
+                async for response in self.stages.synthesize.synthesize(request, trailers):
                     if response.WhichOneof("response") != "chunk":
                         continue
                     chunk = response.chunk
@@ -360,9 +305,7 @@ class Reply:
                 yield animate_pb2.AnimateRequest(audio=chunk.audio, phonemes=chunk.phonemes)
 
         turn = self.turn
-        async for response in self.stages.animate.bidi(
-            self.stages.animate_stub.Animate, requests(), self.settings.animate_timeout_s
-        ):
+        async for response in self.stages.animate.animate(requests()):
             turn.mark("first_frame_ms")
             turn.frames += 1
             await self.emit(turn.event(video_frame=response.frame))
@@ -385,9 +328,7 @@ class Reply:
             self.options.fps,
             phonemes=turn.phonemes,
         )
-        mp4, turn.render = await self.stages.render(
-            request, self.settings.render_timeout_s, forward
-        )
+        mp4, turn.render = await self.stages.animate.render(request, forward)
         turn.mp4.extend(mp4)
 
 

@@ -1,5 +1,6 @@
-"""The programs supervisord runs, and where each one's settings live. The
-readiness wait and (later) the watchdog find every program's port here."""
+"""The programs supervisord runs, and where each one's settings live (named by
+string, imported only when asked for). The readiness wait and the watchdog find
+every program's port here."""
 
 from __future__ import annotations
 
