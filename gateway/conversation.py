@@ -11,12 +11,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from gateway.checks import checked_text
 from gateway.config import GatewaySettings
 from pipeline.runner import TurnRunner
-from pipeline.turns import CallContext, HeldEmit, Turn, cancel_and_wait, checked_text, stream_events
+from pipeline.turns import CallContext, HeldEmit, Turn
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
 from services.common.ids import new_id
+from services.common.tasks import cancel_and_wait, stream_events
 from talker.v1 import asr_pb2, chat_pb2, talker_pb2
 
 log = logging.getLogger("talker.gateway.converse")

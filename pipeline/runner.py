@@ -14,8 +14,9 @@ from prometheus_client import Counter, Histogram
 
 from pipeline.archive import Archive, Archivist
 from pipeline.config import StageSettings
+from pipeline.reply import Reply, render_request
 from pipeline.stages import StageFailure, Stages
-from pipeline.turns import CallContext, Emit, HeldEmit, Reply, ReplyOptions, Turn, render_request
+from pipeline.turns import CallContext, Emit, HeldEmit, ReplyOptions, Turn
 from services.common.errors import InvalidInput, TalkerError
 from services.common.metrics import LATENCY_BUCKETS
 from talker.v1 import asr_pb2, chat_pb2, talker_pb2
