@@ -163,7 +163,10 @@ def auth_middleware(keys: frozenset[str], secure_cookie: bool) -> Any:
         if not valid(given):
             raise HttpError(401, f"The API key given in {where} is not valid.", "invalid_api_key")
         request[REQUEST_KEY] = given
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except HttpError as error:  # the key was good: keep it even if the page failed
+            response = error_response(error.status, str(error), error.code, error.param)
         if where == "the key query parameter" and not response.prepared:
             # The browser's later fetches (and the WebRTC offer) carry it without script access.
             response.set_cookie(
