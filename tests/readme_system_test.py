@@ -76,7 +76,7 @@ def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: P
             script,
         )
         # The web program's HTTP port (its 50055 is health only).
-        return script.replace("127.0.0.1:8080", system.web_url.removeprefix("http://"))
+        return script.replace("127.0.0.1:8090", system.web_url.removeprefix("http://"))
 
     outputs = {}
     for line, script in live_blocks((REPO / "README.md").read_text()):
