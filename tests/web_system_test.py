@@ -168,6 +168,21 @@ def test_openai_client_streams_a_chat_reply(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["whisper-1", "tts-1", "talker-chat"]
 
 
+def test_chat_history_resent_by_the_client_is_remembered(client: openai.OpenAI) -> None:
+    """OpenAI clients resend the conversation; a fresh session is given it as context."""
+    reply = client.chat.completions.create(
+        model="talker-chat",
+        temperature=0,
+        max_tokens=24,
+        messages=[
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada."},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    )
+    assert "ada" in (reply.choices[0].message.content or "").lower(), reply
+
+
 def test_malformed_requests_get_4xx_json_never_500(web_system: Supervisor) -> None:
     auth = {"Authorization": f"Bearer {OPERATOR_KEY}", "Content-Type": "application/json"}
     cases: list[tuple[str, bytes, int, str]] = [
