@@ -144,7 +144,7 @@ test-fast: setup
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services pipeline gateway jobs operations
+	$(VENV)/bin/mypy services pipeline gateway jobs web operations
 	$(VENV)/bin/lint-imports --no-logo
 	npx --no-install buf lint
 	@# Kubernetes manifests against the API schemas bundled in kubernetes-validate

@@ -17,6 +17,7 @@ from gateway.access import ApiKeyInterceptor, server_credentials
 from gateway.checks import checked_text, clip_seconds, reply_options
 from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
+from gateway.downloads import DownloadRpcs
 from gateway.jobs import JobRpcs
 from pipeline.archive import Archive
 from pipeline.runner import TurnRunner
@@ -37,8 +38,9 @@ log = logging.getLogger("talker.gateway")
 SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
 
 
-# JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py).
-class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
+# JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py);
+# DownloadRpcs: DownloadFile (gateway/downloads.py).
+class TalkerServicer(JobRpcs, DownloadRpcs, talker_pb2_grpc.TalkerServiceServicer):
     def __init__(self, settings: GatewaySettings, stages: Stages) -> None:
         self.settings = settings
         self.stages = stages

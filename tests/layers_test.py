@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.processes import REPO
 
-PACKAGES = ("operations", "gateway", "jobs", "pipeline", "services")
+PACKAGES = ("operations", "web", "gateway", "jobs", "pipeline", "services")
 LINT_IMPORTS = Path(REPO) / ".venv" / "bin" / "lint-imports"
 
 
