@@ -145,7 +145,7 @@ test-fast: setup
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway jobs
+	$(VENV)/bin/mypy services gateway jobs web
 	npx --no-install buf lint
 	@# Kubernetes manifests against the API schemas bundled in kubernetes-validate
 	@# (offline); 1.30: the oldest release we promise (gRPC probes are GA since 1.27).

@@ -13,8 +13,11 @@ PROGRAMS: dict[str, str] = {
     "chat": "services.chat.config:ChatSettings",
     "synthesize": "services.synthesize.config:SynthesizeSettings",
     "animate": "services.animate.config:AnimateSettings",
-    # Last: it waits for the four above before it reports SERVING.
+    # It waits for the four above before it reports SERVING.
     "gateway": "gateway.config:GatewaySettings",
+    # A client of the gateway (the page, downloads) and of the stages (OpenAI-style HTTP).
+    # Its `port` serves grpc.health.v1 only; the HTTP port is `http_port`.
+    "web": "web.config:WebSettings",
 }
 
 
