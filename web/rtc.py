@@ -35,8 +35,6 @@ import grpc
 from aiohttp import web
 from grpc import aio
 from prometheus_client import Counter, Gauge
-from web.config import WebSettings
-from web.gateway_client import REQUEST_TRACE_ID, SETTINGS, call_metadata
 
 from services.common.ids import new_id
 from services.common.programs import program_settings
@@ -51,6 +49,8 @@ from talker.v1 import (
     talker_pb2,
     talker_pb2_grpc,
 )
+from web.config import WebSettings
+from web.gateway_client import REQUEST_TRACE_ID, SETTINGS, call_metadata
 from web.rtc_media import (
     MIC_RATE_HZ,
     PLAYOUT_RATE_HZ,
@@ -386,8 +386,44 @@ class RtcSession:
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         self.tasks.append(asyncio.create_task(self._run()))
+        self.tasks.append(asyncio.create_task(self._fetch_idle_face()))
         log.info("webrtc session started", extra={**self.extra, "avatar_id": self.config.avatar_id})
         return self.pc.localDescription
+
+    async def _fetch_idle_face(self) -> None:
+        """The avatar at rest, shown until the first reply: its first frame for a
+        moment of silence (AnimateService has no still of its portrait)."""
+        stubs: StageStubs = self.app[STAGE_STUBS]  # type: ignore[assignment]
+
+        async def requests() -> AsyncIterator[animate_pb2.AnimateRequest]:
+            yield animate_pb2.AnimateRequest(
+                config=animate_pb2.AnimateConfig(
+                    avatar_id=self.config.avatar_id,
+                    format=audio_pb2.AudioFormat(
+                        encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE,
+                        sample_rate_hz=MIC_RATE_HZ,
+                        channels=1,
+                    ),
+                )
+            )
+            yield animate_pb2.AnimateRequest(audio=bytes(MIC_RATE_HZ // 5 * 2))
+
+        try:
+            call = stubs.animate().Animate(
+                requests(), timeout=self.settings.request_timeout_s, metadata=self.metadata
+            )
+            async for response in call:
+                if response.frame.image:
+                    if self.playout.idle is None:
+                        self.playout.idle = response.frame.image
+                    call.cancel()
+                    return
+        except aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                log.warning(
+                    "no idle face for the avatar",
+                    extra={**self.extra, "error": error.details()},
+                )
 
     # ---- page <-> server ---------------------------------------------------
     def send(self, kind: str, **fields: Any) -> None:
@@ -607,6 +643,8 @@ def setup(
 ) -> None:
     """Adds the /rtc routes; live sessions are closed when the app shuts down."""
     app[TALKER] = talker
+    # aioice logs every candidate pair's state at INFO: a dozen lines a session.
+    logging.getLogger("aioice").setLevel(logging.WARNING)
     app[SESSIONS] = {}
     stubs = StageStubs(settings)
     app[STAGE_STUBS] = stubs

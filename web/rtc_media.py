@@ -70,7 +70,7 @@ class Playout:
         #: The turn's reply is complete (finished or cut): once played, the avatar is idle.
         self.complete = False
         self.speaking = False
-        #: Shown when no reply plays: the first frame of the last reply (lips at rest).
+        #: Shown when no reply plays: the avatar at rest (or a reply's first frame).
         self.idle: bytes | av.VideoFrame | None = None
         #: Reply audio sent out so far, in samples, per turn (for tests and logs).
         self.sent_samples: dict[int, int] = {}
@@ -103,7 +103,7 @@ class Playout:
         where = bisect.bisect(self.frame_times, timestamp_ms)
         self.frame_times.insert(where, timestamp_ms)
         self.frames.insert(where, image)
-        if timestamp_ms == 0:
+        if timestamp_ms == 0 and self.idle is None:
             self.idle = image
 
     def finish_turn(self, turn: int) -> None:

@@ -1,0 +1,187 @@
+"""The page in a real browser (Debian's chromium, headless): a spoken question
+from its fake microphone goes over WebRTC to the web program, into the
+gateway's Converse, and the portrait answers on the page: the transcript and
+the reply show, video frames arrive and change around the mouth, reply audio
+arrives (WebRTC getStats) and is heard (the page's own analyser); speaking over
+the reply cuts it and the new question is answered. Every program runs under
+the real supervisord."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.browser import (
+    ARTIFACTS,
+    INBOUND_STATS_JS,
+    SAMPLE_FRAMES_JS,
+    chromium,
+    events,
+    face_changes,
+    open_page,
+    spoken_wav,
+    start_talking,
+    wait_for_event,
+)
+from tests.portrait import create_astronaut
+from tests.speech import normalise, piper_speech, to_wav
+
+QUESTION = "What is the capital of France?"
+STORY = "Tell me a long story about a dragon and a brave knight."
+SECOND = "How many legs does a spider have?"
+# A turn on a loaded 2-core host: ASR, chat, speech and animation in turn.
+TURN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def avatar(system) -> dict:  # type: ignore[no-untyped-def]
+    avatar_id = create_astronaut(system.addresses["animate"])
+    with urllib.request.urlopen(f"{system.web_url}/rtc/options", timeout=30) as response:
+        options = json.load(response)
+    [found] = [a for a in options["avatars"] if a["avatar_id"] == avatar_id]
+    return found
+
+
+def face_box(avatar: dict) -> dict:
+    return {**avatar["face_box"], "frame_width": avatar["width"], "frame_height": avatar["height"]}
+
+
+def test_the_page_hears_a_spoken_question_and_the_portrait_answers(
+    system, avatar, tmp_path: Path
+) -> None:
+    microphone = tmp_path / "question.wav"
+    spoken_wav(microphone, [1.0, QUESTION, 40.0])
+    with chromium(microphone) as browser:
+        page = open_page(browser, system.web_url)
+        start_talking(page, avatar["avatar_id"])
+        page.wait_for_function(
+            "() => document.getElementById('avatar').videoWidth > 0", timeout=60_000
+        )
+        page.evaluate(SAMPLE_FRAMES_JS, face_box(avatar))
+        wait_for_event(page, "e.type === 'transcript' && !e.final", TURN_TIMEOUT_S)
+        wait_for_event(page, "e.type === 'finished'", TURN_TIMEOUT_S)
+        # The reply is played out in real time after it was made: let it finish.
+        page.wait_for_function(
+            "() => window.talker.state === 'listening' && window.talker.heard.length > 0",
+            timeout=120_000,
+        )
+        page.wait_for_timeout(500)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_page.png"))
+        got = events(page)
+        stats = page.evaluate(INBOUND_STATS_JS)
+        samples = page.evaluate("() => window.faceSamples")
+        shown_user = page.inner_text("#log li.user")
+        shown_reply = page.inner_text("#log li.avatar")
+        heard = page.evaluate("() => window.talker.heard")
+
+    finals = [e["text"] for e in got if e["type"] == "transcript" and e["final"] and e["text"]]
+    finished = [e for e in got if e["type"] == "finished"]
+    states = [e["state"] for e in got if e["type"] == "state"]
+    # The question's transcript and a reply appeared, on the page itself.
+    assert "capital" in normalise(finals[0]), finals
+    assert normalise(shown_user) == normalise(finals[0])
+    assert finished and finished[0]["reply_text"].strip()
+    assert shown_reply.strip() == finished[0]["reply_text"].strip()
+    assert states[:1] == ["listening"] and "thinking" in states and "speaking" in states, states
+    # Video frames arrived, and the mouth moved (the forehead, moving with the head, less).
+    assert stats["video"]["framesDecoded"] > 50, stats["video"]
+    [first_audio] = [e for e in got if e["type"] == "audio"][:1]
+    mouth, forehead = face_changes(samples, first_audio["at"])
+    print(f"mouth brightness varied {mouth:.1f}, forehead {forehead:.1f} grey levels")
+    assert mouth > 10 and mouth > 3 * forehead, (mouth, forehead)
+    # Audio samples arrived, with sound in them, and the page heard the reply.
+    audio = stats["audio"]
+    assert audio["totalSamplesReceived"] > 48_000, audio
+    assert audio["totalAudioEnergy"] > 0.01, audio
+    assert (
+        heard and heard[0]["lastSpeechAt"] is not None and heard[0]["at"] > heard[0]["lastSpeechAt"]
+    )
+
+
+# Wraps getUserMedia: the page's microphone is the fake device (the first
+# question) mixed with whatever the test plays through window.say(base64 WAV)
+# when it chooses, here while the portrait is speaking.
+MIXED_MICROPHONE_JS = """
+(() => {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    const device = await real(constraints);
+    const context = new AudioContext({ sampleRate: 48000 });
+    const mixed = context.createMediaStreamDestination();
+    context.createMediaStreamSource(device).connect(mixed);
+    window.say = async (wavBase64) => {
+      const bytes = Uint8Array.from(atob(wavBase64), (c) => c.charCodeAt(0));
+      const source = context.createBufferSource();
+      source.buffer = await context.decodeAudioData(bytes.buffer);
+      source.connect(mixed);
+      source.start();
+      return source.buffer.duration;
+    };
+    return mixed.stream;
+  };
+})();
+"""
+
+
+def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_answered(
+    system, avatar, tmp_path: Path
+) -> None:
+    microphone = tmp_path / "story.wav"
+    spoken_wav(microphone, [1.0, STORY, 120.0])
+    second = base64.b64encode(to_wav(piper_speech(SECOND, 48_000), 48_000)).decode()
+    with chromium(microphone) as browser:
+        page = browser.new_page(viewport={"width": 1180, "height": 760})
+        page.add_init_script(MIXED_MICROPHONE_JS)
+        page.on("console", lambda message: print(f"[page {message.type}] {message.text}"))
+        page.goto(system.web_url)
+        start_talking(page, avatar["avatar_id"])
+        wait_for_event(page, "e.type === 'state' && e.state === 'speaking'", TURN_TIMEOUT_S)
+        page.wait_for_timeout(1500)  # well into the story
+        page.evaluate("(wav) => window.say(wav)", second)
+        wait_for_event(page, "e.type === 'barge_in' || e.type === 'interrupted'", 60)
+        wait_for_event(page, "e.type === 'finished' && e.turn >= 1", TURN_TIMEOUT_S)
+        got = events(page)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_barge_in.png"))
+        cut_reply = page.evaluate(
+            "() => [...document.querySelectorAll('#log li.avatar.cut')].map((li) => li.textContent)"
+        )
+
+    finals = [e for e in got if e["type"] == "transcript" and e["final"] and e["text"].strip()]
+    assert "dragon" in normalise(finals[0]["text"]), finals
+    cut = [e for e in got if e["type"] in ("barge_in", "interrupted")]
+    assert cut[0]["turn"] == finals[0]["turn"], cut
+    # The story did not play to its end: the cut came before its turn finished
+    # playing, and the second question became its own answered turn.
+    [answered] = [e for e in got if e["type"] == "finished" and e["turn"] > finals[0]["turn"]]
+    assert "spider" in normalise(answered["user_text"]), answered
+    assert answered["reply_text"].strip()
+    assert cut_reply, "the cut reply is not marked on the page"
+
+
+def test_the_offer_is_refused_with_a_reason(system, avatar) -> None:
+    def post(body: object) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"{system.web_url}/rtc/offer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())["error"]["message"]
+
+    assert post({"type": "offer", "avatar_id": avatar["avatar_id"]}) == (400, "`sdp` is required.")
+    status, message = post({"sdp": "v=0", "type": "offer", "avatar_id": "no-such-face"})
+    assert status == 404 and "avatar" in message.lower(), message
+    status, message = post({"sdp": "not sdp", "type": "offer", "avatar_id": avatar["avatar_id"]})
+    assert status == 400 and "SDP" in message, message
+    status, message = post([1, 2])
+    assert status == 400 and "JSON object" in message
