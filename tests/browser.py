@@ -6,6 +6,7 @@ Playwright's own browser downloads are never used: it drives /usr/bin/chromium
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from collections.abc import Iterator
@@ -183,3 +184,35 @@ async () => {
   return found;
 }
 """
+
+
+# Wraps getUserMedia: the page's microphone is the fake device (its WAV file)
+# mixed with what a test or the bench plays through `say` when it chooses (to
+# talk over a reply, or to ask the next question once the last reply was heard).
+MIXED_MICROPHONE_JS = """
+(() => {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    const device = await real(constraints);
+    const context = new AudioContext({ sampleRate: 48000 });
+    const mixed = context.createMediaStreamDestination();
+    context.createMediaStreamSource(device).connect(mixed);
+    window.say = async (wavBase64) => {
+      const bytes = Uint8Array.from(atob(wavBase64), (c) => c.charCodeAt(0));
+      const source = context.createBufferSource();
+      source.buffer = await context.decodeAudioData(bytes.buffer);
+      source.connect(mixed);
+      source.start();
+      return source.buffer.duration;
+    };
+    return mixed.stream;
+  };
+})();
+"""
+
+
+def say(page: Any, audio: np.ndarray) -> float:
+    """Plays float32 mono 48 kHz audio into the page's microphone (the page must
+    have been opened with MIXED_MICROPHONE_JS); returns its length in seconds."""
+    wav = base64.b64encode(to_wav(audio, WAV_RATE_HZ)).decode()
+    return float(page.evaluate("(wav) => window.say(wav)", wav))

@@ -8,10 +8,12 @@ the real supervisord."""
 
 from __future__ import annotations
 
-import base64
 import json
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,17 +21,20 @@ import pytest
 from tests.browser import (
     ARTIFACTS,
     INBOUND_STATS_JS,
+    MIXED_MICROPHONE_JS,
     SAMPLE_FRAMES_JS,
     chromium,
     events,
     face_changes,
     open_page,
+    say,
     spoken_wav,
     start_talking,
     wait_for_event,
 )
 from tests.portrait import create_astronaut
-from tests.speech import normalise, piper_speech, to_wav
+from tests.processes import REPO, VENV_BIN, free_port
+from tests.speech import normalise, piper_speech
 
 QUESTION = "What is the capital of France?"
 STORY = "Tell me a long story about a dragon and a brave knight."
@@ -104,37 +109,11 @@ def test_the_page_hears_a_spoken_question_and_the_portrait_answers(
     )
 
 
-# Wraps getUserMedia: the page's microphone is the fake device (the first
-# question) mixed with whatever the test plays through window.say(base64 WAV)
-# when it chooses, here while the portrait is speaking.
-MIXED_MICROPHONE_JS = """
-(() => {
-  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-  navigator.mediaDevices.getUserMedia = async (constraints) => {
-    const device = await real(constraints);
-    const context = new AudioContext({ sampleRate: 48000 });
-    const mixed = context.createMediaStreamDestination();
-    context.createMediaStreamSource(device).connect(mixed);
-    window.say = async (wavBase64) => {
-      const bytes = Uint8Array.from(atob(wavBase64), (c) => c.charCodeAt(0));
-      const source = context.createBufferSource();
-      source.buffer = await context.decodeAudioData(bytes.buffer);
-      source.connect(mixed);
-      source.start();
-      return source.buffer.duration;
-    };
-    return mixed.stream;
-  };
-})();
-"""
-
-
 def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_answered(
     system, avatar, tmp_path: Path
 ) -> None:
     microphone = tmp_path / "story.wav"
     spoken_wav(microphone, [1.0, STORY, 120.0])
-    second = base64.b64encode(to_wav(piper_speech(SECOND, 48_000), 48_000)).decode()
     with chromium(microphone) as browser:
         page = browser.new_page(viewport={"width": 1180, "height": 760})
         page.add_init_script(MIXED_MICROPHONE_JS)
@@ -143,7 +122,7 @@ def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_answered(
         start_talking(page, avatar["avatar_id"])
         wait_for_event(page, "e.type === 'state' && e.state === 'speaking'", TURN_TIMEOUT_S)
         page.wait_for_timeout(1500)  # well into the story
-        page.evaluate("(wav) => window.say(wav)", second)
+        say(page, piper_speech(SECOND, 48_000))
         wait_for_event(page, "e.type === 'barge_in' || e.type === 'interrupted'", 60)
         wait_for_event(page, "e.type === 'finished' && e.turn >= 1", TURN_TIMEOUT_S)
         got = events(page)
@@ -165,18 +144,22 @@ def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_answered(
     assert cut_reply, "the cut reply is not marked on the page"
 
 
-def test_the_offer_is_refused_with_a_reason(system, avatar) -> None:
+def post_offer(url: str, body: object) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"{url}/rtc/offer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())["error"]["message"]
+
+
+def test_bad_offers_are_refused_with_a_reason(system, avatar) -> None:
     def post(body: object) -> tuple[int, str]:
-        request = urllib.request.Request(
-            f"{system.web_url}/rtc/offer",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())["error"]["message"]
+        return post_offer(system.web_url, body)
 
     assert post({"type": "offer", "avatar_id": avatar["avatar_id"]}) == (400, "`sdp` is required.")
     status, message = post({"sdp": "v=0", "type": "offer", "avatar_id": "no-such-face"})
@@ -185,3 +168,67 @@ def test_the_offer_is_refused_with_a_reason(system, avatar) -> None:
     assert status == 400 and "SDP" in message, message
     status, message = post([1, 2])
     assert status == 400 and "JSON object" in message
+    status, message = post({"sdp": "v=0", "type": "answer", "avatar_id": avatar["avatar_id"]})
+    assert status == 400 and '"offer"' in message
+
+
+@pytest.fixture()
+def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A second web program in front of the same gateway, allowed one session of 8 s."""
+    port = free_port()
+    env = {
+        **system.env,
+        "TALKER_WEB_HTTP_PORT": str(port),
+        "TALKER_WEB_PORT": str(free_port()),
+        "TALKER_WEB_METRICS_PORT": "0",
+        "TALKER_WEB_MAX_SESSIONS": "1",
+        "TALKER_WEB_MAX_SESSION_S": "8",
+    }
+    log = (tmp_path / "web.log").open("wb")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "web"], env=env, cwd=REPO, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((tmp_path / "web.log").read_text()) from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
+    limited_web, avatar, tmp_path: Path
+) -> None:
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [30.0])
+    with chromium(microphone) as browser:
+        page = open_page(browser, limited_web)
+        start_talking(page, avatar["avatar_id"])
+        wait_for_event(page, "e.type === 'started'", 60)
+        # One live session is the most: a second offer is refused, and says why.
+        status, message = post_offer(
+            limited_web, {"sdp": "v=0", "type": "offer", "avatar_id": avatar["avatar_id"]}
+        )
+        assert status == 503 and "TALKER_WEB_MAX_SESSIONS=1" in message, (status, message)
+        # The live one ends at its length limit, with the sentence on the page.
+        page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
+        shown = page.inner_text("#state")
+        assert "limit of 8 s" in shown, shown
+        page.screenshot(path=str(tmp_path / "limit.png"))
+        # Its place is free again.
+        deadline = time.monotonic() + 15
+        while json.loads(urllib.request.urlopen(f"{limited_web}/rtc/options").read())["sessions"][
+            "live"
+        ]:
+            assert time.monotonic() < deadline, "the ended session still counts as live"
+            time.sleep(0.3)

@@ -37,7 +37,6 @@ from grpc import aio
 from prometheus_client import Counter, Gauge
 
 from services.common.ids import new_id
-from services.common.programs import program_settings
 from services.common.runtime import channel_options
 from talker.v1 import (
     animate_pb2,
@@ -105,12 +104,8 @@ class StageStubs:
 
     def _channel(self, program: str) -> aio.Channel:
         if program not in self._channels:
-            address = getattr(self.settings, f"{program}_address", "")
-            if not address:
-                own = program_settings(program)
-                address = f"{own.host}:{own.port}"
             self._channels[program] = aio.insecure_channel(
-                address, options=channel_options(self.settings)
+                self.settings.address_of(program), options=channel_options(self.settings)
             )
         return self._channels[program]
 

@@ -24,7 +24,8 @@ const talker = {
   channel: null,
   state: "idle",
   events: [],
-  /** One entry per reply heard: {at, lastSpeechAt} in performance.now() ms. */
+  /** One entry per reply heard: when its first sound played (`at`) and when the
+   * microphone last heard the user before it (`lastSpeechAt`), performance.now() ms. */
   heard: [],
   lastMicLoudAt: null,
   traceId: "",
@@ -152,13 +153,18 @@ function startMeters(micStream, replyTrack) {
   const buffer = new Float32Array(mic.fftSize);
   let replyQuietSince = performance.now();
   let replyLoud = false;
+  let answeredSpeechAt = null;
   meterTimer = setInterval(() => {
     const now = performance.now();
     const micRms = rms(mic, buffer);
     $("mic-level").style.width = `${Math.min(100, micRms * 400)}%`;
     if (micRms > LOUD_RMS) talker.lastMicLoudAt = now;
     const loud = rms(reply, buffer) > LOUD_RMS;
-    if (loud && !replyLoud && now - replyQuietSince > QUIET_MS) {
+    // One entry per reply: the first sound after the user last spoke (a pause
+    // between the reply's sentences is not a new reply).
+    if (loud && !replyLoud && now - replyQuietSince > QUIET_MS &&
+        talker.lastMicLoudAt !== answeredSpeechAt) {
+      answeredSpeechAt = talker.lastMicLoudAt;
       talker.heard.push({ at: now, lastSpeechAt: talker.lastMicLoudAt });
     }
     if (!loud && replyLoud) replyQuietSince = now;
@@ -285,6 +291,9 @@ function stop(resetState = true) {
   audioContext?.close();
   audioContext = null;
   $("mic-level").style.width = "0";
+  $("avatar").srcObject = null;
+  $("placeholder").hidden = false;
+  $("placeholder").textContent = "Press Talk to start again.";
   $("talk").textContent = "Talk";
   $("talk").classList.remove("live");
   $("typed-text").disabled = $("typed-send").disabled = true;
