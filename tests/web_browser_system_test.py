@@ -84,6 +84,7 @@ def test_the_page_hears_a_spoken_question_and_the_portrait_answers(
         shown_user = page.inner_text("#log li.user")
         shown_reply = page.inner_text("#log li.avatar")
         heard = page.evaluate("() => window.talker.heard")
+        trace_id = page.evaluate("() => window.talker.traceId")
 
     finals = [e["text"] for e in got if e["type"] == "transcript" and e["final"] and e["text"]]
     finished = [e for e in got if e["type"] == "finished"]
@@ -104,9 +105,25 @@ def test_the_page_hears_a_spoken_question_and_the_portrait_answers(
     audio = stats["audio"]
     assert audio["totalSamplesReceived"] > 48_000, audio
     assert audio["totalAudioEnergy"] > 0.01, audio
-    assert (
-        heard and heard[0]["lastSpeechAt"] is not None and heard[0]["at"] > heard[0]["lastSpeechAt"]
-    )
+    assert heard and heard[0]["lastSpeechAt"] is not None, heard
+    assert heard[0]["at"] > heard[0]["lastSpeechAt"], heard
+    # One trace id from the page's offer through the gateway to the reply's stages.
+    assert trace_id
+    for program in ("web", "gateway", "chat", "synthesize", "animate"):
+        assert trace_id in system.log(program), program
+    # The browser is gone: its session was cleaned up.
+    wait_until_no_sessions(system.web_url)
+
+
+def wait_until_no_sessions(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"{url}/rtc/options", timeout=30) as response:
+            live = json.load(response)["sessions"]["live"]
+        if not live:
+            return
+        assert time.monotonic() < deadline, f"{live} sessions still live after the page went"
+        time.sleep(0.5)
 
 
 def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_answered(
@@ -225,10 +242,26 @@ def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
         shown = page.inner_text("#state")
         assert "limit of 8 s" in shown, shown
         page.screenshot(path=str(tmp_path / "limit.png"))
-        # Its place is free again.
-        deadline = time.monotonic() + 15
-        while json.loads(urllib.request.urlopen(f"{limited_web}/rtc/options").read())["sessions"][
-            "live"
-        ]:
-            assert time.monotonic() < deadline, "the ended session still counts as live"
-            time.sleep(0.3)
+    # Its place is free again.
+    wait_until_no_sessions(limited_web, 15)
+
+
+def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(
+    system, avatar, tmp_path: Path
+) -> None:
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [10.0])
+    with chromium(microphone) as browser:
+        page = open_page(browser, system.web_url)
+        page.wait_for_selector("#voice-select option", state="attached")
+        # A voice the page does not list (deleted since it loaded, say).
+        page.evaluate(
+            """() => document.getElementById("voice-select")
+                 .append(new Option("gone", "no-such-voice", true, true))"""
+        )
+        start_talking(page, avatar["avatar_id"])
+        page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
+        shown = page.inner_text("#state")
+        [error] = [e for e in events(page, "error") if e["fatal"]]
+    assert shown == f"Error: {error['message']}"
+    assert "no-such-voice" in shown, shown
