@@ -107,6 +107,12 @@ class GatewaySettings(ServiceSettings):
     api_keys_file: Path | None = Field(
         default=None, description="A file of API keys, one a line (# comments), added to api_keys."
     )
+    user_api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="API keys bound to a user: {key: user_id} (JSON in the environment). "
+        "Accepted like api_keys; DownloadFile with such a key serves only that user's "
+        "files (the keys in api_keys read every file).",
+    )
     tls_cert: Path | None = Field(default=None, description="PEM certificate chain: serve TLS.")
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
 
@@ -118,7 +124,7 @@ class GatewaySettings(ServiceSettings):
         return f"{settings.host}:{settings.port}"
 
     def accepted_keys(self) -> frozenset[str]:
-        keys = {key.strip() for key in self.api_keys if key.strip()}
+        keys = {key.strip() for key in [*self.api_keys, *self.user_api_keys] if key.strip()}
         if self.api_keys_file is not None:
             for line in self.api_keys_file.read_text().splitlines():
                 line = line.split("#", 1)[0].strip()

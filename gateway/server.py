@@ -22,6 +22,7 @@ from gateway.access import ApiKeyInterceptor, server_credentials
 from gateway.archive import Archive, Archivist
 from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
+from gateway.downloads import DownloadRpcs
 from gateway.downstream import LABELS, Stage, StageFailure, Stages
 from gateway.jobs import JobRpcs
 from gateway.turns import (
@@ -62,8 +63,9 @@ MILESTONE_SECONDS = Histogram(
 SERVICE_NAME = talker_pb2.DESCRIPTOR.services_by_name["TalkerService"].full_name
 
 
-# JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py).
-class TalkerServicer(JobRpcs, talker_pb2_grpc.TalkerServiceServicer):
+# JobRpcs: SubmitRender, GetJob, ListJobs and CancelJob (gateway/jobs.py);
+# DownloadRpcs: DownloadFile (gateway/downloads.py).
+class TalkerServicer(JobRpcs, DownloadRpcs, talker_pb2_grpc.TalkerServiceServicer):
     def __init__(self, settings: GatewaySettings, stages: Stages) -> None:
         self.settings = settings
         self.stages = stages

@@ -27,7 +27,7 @@ class WebSettings(ServiceSettings):
         "HTTP endpoints are on `http_port`.",
     )
     http_port: int = Field(
-        default=8080, ge=0, le=65535, description="HTTP(S) port of the page and the /v1 endpoints."
+        default=8090, ge=0, le=65535, description="HTTP(S) port of the page and the /v1 endpoints."
     )
     metrics_port: int = Field(default=9156, ge=0, le=65535, description="/metrics port; 0 = off.")
 

@@ -33,6 +33,7 @@ from services.common.metrics import LATENCY_BUCKETS
 from services.common.runtime import GrpcProgram, load_settings, lower_cpu_priority
 from services.common.tracing import TRACE_METADATA_KEY, accept_trace_id, current_trace_id
 from web.config import WebSettings
+from web.errors import HttpError, error_response
 from web.gateway_client import CHANNELS, REQUEST_KEY, REQUEST_TRACE_ID, SETTINGS, Channels
 
 log = logging.getLogger("talker.web")
@@ -55,54 +56,6 @@ HTTP_SECONDS = Histogram(
 HTTP_IN_FLIGHT = Gauge("talker_http_in_flight", "HTTP requests being served now.")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# OpenAI's error `type` for each HTTP status we send.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    416: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    502: "server_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
-
-
-def error_response(
-    status: int, message: str, code: str | None = None, param: str | None = None
-) -> web.Response:
-    """An error as OpenAI-style JSON: what tools that speak that API already parse."""
-    body = {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(
-                status, "invalid_request_error" if status < 500 else "server_error"
-            ),
-            "param": param,
-            "code": code,
-        }
-    }
-    return web.json_response(body, status=status)
-
-
-class HttpError(Exception):
-    """Raised by handlers: becomes `error_response(status, message, code, param)`."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
 
 
 def _route_name(request: web.Request) -> str:
@@ -210,7 +163,10 @@ def auth_middleware(keys: frozenset[str], secure_cookie: bool) -> Any:
         if not valid(given):
             raise HttpError(401, f"The API key given in {where} is not valid.", "invalid_api_key")
         request[REQUEST_KEY] = given
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except HttpError as error:  # the key was good: keep it even if the page failed
+            response = error_response(error.status, str(error), error.code, error.param)
         if where == "the key query parameter" and not response.prepared:
             # The browser's later fetches (and the WebRTC offer) carry it without script access.
             response.set_cookie(
