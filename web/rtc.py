@@ -49,6 +49,7 @@ from talker.v1 import (
     talker_pb2_grpc,
 )
 from web.config import WebSettings
+from web.errors import HttpError, from_grpc
 from web.gateway_client import REQUEST_TRACE_ID, SETTINGS, call_metadata
 from web.rtc_media import (
     MIC_RATE_HZ,
@@ -70,18 +71,6 @@ RTC_REFUSED = Counter(
 #: time) the oldest audio is dropped rather than held in memory.
 MIC_BACKLOG_CHUNKS = 500
 LANGUAGES = ("", "auto", "en", "zh")
-STATUS_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 STAGES = {
     talker_pb2.PIPELINE_STAGE_ASR: "speech recognition",
     talker_pb2.PIPELINE_STAGE_CHAT: "chat",
@@ -121,20 +110,6 @@ class StageStubs:
         self._channels.clear()
 
 
-def http_error(status: int, message: str, code: str | None = None) -> Exception:
-    from web.server import HttpError
-
-    return HttpError(status, message, code)
-
-
-def grpc_http_error(error: aio.AioRpcError, what: str) -> Exception:
-    status = STATUS_HTTP.get(error.code(), 502)
-    message = error.details() or f"{what} failed ({error.code().name})."
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
-        message = f"{what} is not reachable now: {message}"
-    return http_error(status, message, error.code().name.lower())
-
-
 def avatar_json(avatar: animate_pb2.Avatar) -> dict[str, Any]:
     box = avatar.face_box
     return {
@@ -154,13 +129,13 @@ async def options(request: web.Request) -> web.Response:
             animate_pb2.ListAvatarsRequest(), timeout=settings.request_timeout_s
         )
     except aio.AioRpcError as error:
-        raise grpc_http_error(error, "The animation service") from None
+        raise from_grpc(error, "The animation service") from None
     try:
         voices = await stubs.synthesize().ListVoices(
             synthesize_pb2.ListVoicesRequest(), timeout=settings.request_timeout_s
         )
     except aio.AioRpcError as error:
-        raise grpc_http_error(error, "The speech synthesis service") from None
+        raise from_grpc(error, "The speech synthesis service") from None
     return web.json_response(
         {
             "avatars": [avatar_json(avatar) for avatar in avatars.avatars],
@@ -194,7 +169,7 @@ async def create_avatar(request: web.Request) -> web.Response:
         image = await request.read()
         name = request.query.get("name", "")[:64]
     if not image:
-        raise http_error(
+        raise HttpError(
             400,
             "No portrait came: send the image (PNG or JPEG) as the body, or as the "
             "multipart field `portrait`.",
@@ -206,16 +181,16 @@ async def create_avatar(request: web.Request) -> web.Response:
             timeout=settings.request_timeout_s,
         )
     except aio.AioRpcError as error:
-        raise grpc_http_error(error, "The animation service") from None
+        raise from_grpc(error, "The animation service") from None
     return web.json_response(avatar_json(response.avatar), status=201)
 
 
 def _field(body: dict[str, Any], name: str, required: bool = False) -> str:
     value = body.get(name, "")
     if not isinstance(value, str):
-        raise http_error(400, f"`{name}` must be a string.", "invalid_field")
+        raise HttpError(400, f"`{name}` must be a string.", "invalid_field")
     if required and not value:
-        raise http_error(400, f"`{name}` is required.", "missing_field")
+        raise HttpError(400, f"`{name}` is required.", "missing_field")
     return value
 
 
@@ -226,23 +201,23 @@ async def offer(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        raise http_error(
+        raise HttpError(
             400, "The offer must be a JSON object {sdp, type, avatar_id}.", "invalid_json"
         ) from None
     if not isinstance(body, dict):
-        raise http_error(400, "The offer must be a JSON object {sdp, type, avatar_id}.")
+        raise HttpError(400, "The offer must be a JSON object {sdp, type, avatar_id}.")
     sdp = _field(body, "sdp", required=True)
     if _field(body, "type", required=True) != "offer":
-        raise http_error(400, '`type` must be "offer".', "invalid_field")
+        raise HttpError(400, '`type` must be "offer".', "invalid_field")
     avatar_id = _field(body, "avatar_id", required=True)
     voice_id = _field(body, "voice_id")
     language = _field(body, "language")
     if language not in LANGUAGES:
-        raise http_error(400, f"`language` must be one of {', '.join(LANGUAGES[1:])}.")
+        raise HttpError(400, f"`language` must be one of {', '.join(LANGUAGES[1:])}.")
     sessions: dict[str, RtcSession] = request.app[SESSIONS]
     if len(sessions) >= settings.max_sessions:
         RTC_REFUSED.labels("busy").inc()
-        raise http_error(
+        raise HttpError(
             503,
             f"{len(sessions)} live sessions are already running, the most this server takes "
             f"(TALKER_WEB_MAX_SESSIONS={settings.max_sessions}). Try again when one ends.",
@@ -257,7 +232,7 @@ async def offer(request: web.Request) -> web.Response:
             )
         ).avatar
     except aio.AioRpcError as error:
-        raise grpc_http_error(error, "The animation service") from None
+        raise from_grpc(error, "The animation service") from None
     trace_id = request[REQUEST_TRACE_ID]
     config = converse_config(avatar.avatar_id, voice_id, language, settings.max_session_s)
     talker: Any = request.app[TALKER]
@@ -277,7 +252,7 @@ async def offer(request: web.Request) -> web.Response:
     except Exception as error:  # aiortc raises ValueError and friends on a bad SDP
         await session.close()
         RTC_REFUSED.labels("bad_sdp").inc()
-        raise http_error(400, f"The SDP offer could not be used: {error}", "invalid_sdp") from None
+        raise HttpError(400, f"The SDP offer could not be used: {error}", "invalid_sdp") from None
     return web.json_response(
         {
             "sdp": answer.sdp,
