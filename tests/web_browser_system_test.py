@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.browser import (
@@ -107,12 +108,30 @@ def test_the_page_hears_a_spoken_question_and_the_portrait_answers(
     assert audio["totalAudioEnergy"] > 0.01, audio
     assert heard and heard[0]["lastSpeechAt"] is not None, heard
     assert heard[0]["at"] > heard[0]["lastSpeechAt"], heard
+    # Lips and voice together: the mouth starts to move when the sound starts. Loose
+    # bounds: on a loaded host the browser's audio buffer grows by ~0.5 s at times
+    # (see VIDEO_LEAD_MS); a reply's frames shown a second off would fail.
+    opened = mouth_opens_at(samples, first_audio["at"])
+    print(f"mouth moved {opened - heard[0]['at']:+.0f} ms from the first sound heard")
+    assert abs(opened - heard[0]["at"]) < 800, (opened, heard[0])
     # One trace id from the page's offer through the gateway to the reply's stages.
     assert trace_id
     for program in ("web", "gateway", "chat", "synthesize", "animate"):
         assert trace_id in system.log(program), program
     # The browser is gone: its session was cleaned up.
     wait_until_no_sessions(system.web_url)
+
+
+def mouth_opens_at(samples: list[dict], since_ms: float, grey_levels: float = 4) -> float:
+    """When the mouth region first differs from the face at rest by `grey_levels`."""
+    rest = np.mean([s for s in samples if s["at"] < since_ms][-1]["mouth"])
+    moved = [
+        s["at"]
+        for s in samples
+        if s["at"] >= since_ms and abs(np.mean(s["mouth"]) - rest) > grey_levels
+    ]
+    assert moved, "the mouth never moved"
+    return float(moved[0])
 
 
 def wait_until_no_sessions(url: str, timeout_s: float = 60) -> None:

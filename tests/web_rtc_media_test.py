@@ -16,6 +16,7 @@ from web.rtc_media import (
     AUDIO_FRAME_SAMPLES,
     MIC_RATE_HZ,
     PLAYOUT_RATE_HZ,
+    VIDEO_LEAD_MS,
     AvatarVideoTrack,
     MicResampler,
     Playout,
@@ -43,7 +44,8 @@ def test_the_frame_shown_is_the_one_for_the_audio_played() -> None:
     for _ in range(10):  # 200 ms
         assert playout.take_audio(AUDIO_FRAME_SAMPLES) == tone(0.02)
     assert playout.speaking and changes == [True]
-    assert playout.frame_now() == b"frame 5"
+    # The frame for 200 ms, plus the lead that makes up for video's longer way.
+    assert playout.frame_now() == f"frame {(200 + VIDEO_LEAD_MS) // 40}".encode()
     for _ in range(40):  # the rest of the reply, then silence
         playout.take_audio(AUDIO_FRAME_SAMPLES)
     playout.finish_turn(0)
@@ -58,9 +60,9 @@ def test_frames_arriving_out_of_order_are_shown_in_order() -> None:
     playout.add_audio(0, 0, tone(0.2))
     for timestamp in (80, 0, 120, 40):
         playout.add_frame(0, timestamp, str(timestamp).encode())
-    for _ in range(3):  # 60 ms
-        playout.take_audio(AUDIO_FRAME_SAMPLES)
-    assert playout.frame_now() == b"40"
+    playout.take_audio(AUDIO_FRAME_SAMPLES)  # 20 ms
+    shown = (20 + VIDEO_LEAD_MS) // 40 * 40
+    assert playout.frame_now() == str(min(shown, 120)).encode()
 
 
 def test_a_gap_in_the_reply_audio_is_silence_and_the_reply_goes_on() -> None:
