@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from gateway.samples import portrait
 from tests.browser import (
     ARTIFACTS,
     INBOUND_STATS_JS,
@@ -284,3 +286,49 @@ def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(
         [error] = [e for e in events(page, "error") if e["fatal"]]
     assert shown == f"Error: {error['message']}"
     assert "no-such-voice" in shown, shown
+
+
+def test_a_portrait_uploaded_on_the_page_becomes_the_avatar_or_is_refused_with_the_reason(
+    system, tmp_path: Path
+) -> None:
+    good = tmp_path / "my-face.png"
+    good.write_bytes(portrait())
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (400, 400), (200, 190, 180)).save(blank)
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [5.0])
+    with chromium(microphone) as browser:
+        page = open_page(browser, system.web_url)
+        page.wait_for_selector("#voice-select option", state="attached")
+        page.set_input_files("#portrait", str(blank))
+        page.wait_for_selector("#log li.note.error", timeout=120_000)
+        refusal = page.inner_text("#log li.note.error")
+        page.set_input_files("#portrait", str(good))
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#avatar-select option')]"
+            ".some((o) => o.selected && o.textContent === 'my-face')",
+            timeout=120_000,
+        )
+        chosen = page.eval_on_selector("#avatar-select", "(s) => s.value")
+    assert refusal.startswith("The portrait was not accepted: "), refusal
+    assert "face" in refusal.lower(), refusal
+    with urllib.request.urlopen(f"{system.web_url}/rtc/options", timeout=30) as response:
+        listed = {a["avatar_id"]: a["name"] for a in json.load(response)["avatars"]}
+    assert listed[chosen] == "my-face"
+
+
+def test_bad_uploads_are_refused_with_a_reason(system) -> None:
+    def post(body: bytes) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"{system.web_url}/rtc/avatars?name=x", data=body, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())["error"]["message"]
+
+    status, message = post(b"")
+    assert status == 400 and "No portrait came" in message, (status, message)
+    status, message = post(b"this is not an image")
+    assert status == 400 and "image" in message.lower(), (status, message)

@@ -161,7 +161,7 @@ async def create_avatar(request: web.Request) -> web.Response:
         reader = await request.multipart()
         async for part in reader:
             if getattr(part, "name", None) == "portrait":
-                image = await part.read()  # type: ignore[union-attr]
+                image = bytes(await part.read())  # type: ignore[union-attr]
                 name = (getattr(part, "filename", "") or "").rsplit(".", 1)[0]
             elif getattr(part, "name", None) == "name":
                 name = (await part.text())[:64]  # type: ignore[union-attr]
