@@ -212,7 +212,8 @@ def test_bad_offers_are_refused_with_a_reason(system, avatar) -> None:
 
 @pytest.fixture()
 def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A second web program in front of the same gateway, allowed one session of 8 s."""
+    """A second web program in front of the same gateway, allowed one session of 8 s
+    and uploads of 64 KiB."""
     port = free_port()
     env = {
         **system.env,
@@ -221,6 +222,7 @@ def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-unt
         "TALKER_WEB_METRICS_PORT": "0",
         "TALKER_WEB_MAX_SESSIONS": "1",
         "TALKER_WEB_MAX_SESSION_S": "8",
+        "TALKER_WEB_MAX_UPLOAD_BYTES": "65536",
     }
     log = (tmp_path / "web.log").open("wb")
     process = subprocess.Popen(
@@ -265,6 +267,27 @@ def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
         page.screenshot(path=str(tmp_path / "limit.png"))
     # Its place is free again.
     wait_until_no_sessions(limited_web, 15)
+    # A portrait over the upload limit, sent as the page sends it (multipart).
+    boundary = "talker-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="portrait"; '
+            f'filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + portrait()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{limited_web}/rtc/avatars",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    try:
+        urllib.request.urlopen(request, timeout=60)
+        raise AssertionError("a portrait over the upload limit was taken")
+    except urllib.error.HTTPError as error:
+        status, message = error.code, json.loads(error.read())["error"]["message"]
+    assert status == 413 and "TALKER_WEB_MAX_UPLOAD_BYTES" in message, (status, message)
 
 
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(

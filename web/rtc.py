@@ -37,20 +37,18 @@ from grpc import aio
 from prometheus_client import Counter, Gauge
 
 from services.common.ids import new_id
-from services.common.runtime import channel_options
 from talker.v1 import (
     animate_pb2,
     animate_pb2_grpc,
     asr_pb2,
     audio_pb2,
     synthesize_pb2,
-    synthesize_pb2_grpc,
     talker_pb2,
     talker_pb2_grpc,
 )
 from web.config import WebSettings
 from web.errors import HttpError, from_grpc
-from web.gateway_client import REQUEST_TRACE_ID, SETTINGS, call_metadata
+from web.gateway_client import CHANNELS, REQUEST_TRACE_ID, SETTINGS, call_metadata
 from web.rtc_media import (
     MIC_RATE_HZ,
     PLAYOUT_RATE_HZ,
@@ -68,7 +66,7 @@ RTC_REFUSED = Counter(
 )
 
 #: Microphone chunks waiting for the gateway; beyond it (the gateway far behind real
-#: time) the oldest audio is dropped rather than held in memory.
+#: time) new audio is dropped rather than held in memory.
 MIC_BACKLOG_CHUNKS = 500
 LANGUAGES = ("", "auto", "en", "zh")
 STAGES = {
@@ -79,35 +77,13 @@ STAGES = {
     talker_pb2.PIPELINE_STAGE_GATEWAY: "gateway",
 }
 SESSIONS = web.AppKey("talker_rtc_sessions", dict)
-STAGE_STUBS = web.AppKey("talker_rtc_stages", object)
 TALKER = web.AppKey("talker_rtc_talker", object)
 
 
-class StageStubs:
-    """AnimateService and SynthesizeService, for the pickers and portrait uploads
-    (the gateway has no RPC to list avatars or voices)."""
-
-    def __init__(self, settings: WebSettings) -> None:
-        self.settings = settings
-        self._channels: dict[str, aio.Channel] = {}
-
-    def _channel(self, program: str) -> aio.Channel:
-        if program not in self._channels:
-            self._channels[program] = aio.insecure_channel(
-                self.settings.address_of(program), options=channel_options(self.settings)
-            )
-        return self._channels[program]
-
-    def animate(self) -> animate_pb2_grpc.AnimateServiceStub:
-        return animate_pb2_grpc.AnimateServiceStub(self._channel("animate"))
-
-    def synthesize(self) -> synthesize_pb2_grpc.SynthesizeServiceStub:
-        return synthesize_pb2_grpc.SynthesizeServiceStub(self._channel("synthesize"))
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+def animate(app: web.Application) -> animate_pb2_grpc.AnimateServiceStub:
+    """AnimateService, for the avatar list, portrait uploads and the face at rest
+    (the gateway has no RPC for them), on the program's shared channels."""
+    return animate_pb2_grpc.AnimateServiceStub(app[CHANNELS].channel("animate"))
 
 
 def avatar_json(avatar: animate_pb2.Avatar) -> dict[str, Any]:
@@ -123,16 +99,17 @@ def avatar_json(avatar: animate_pb2.Avatar) -> dict[str, Any]:
 
 async def options(request: web.Request) -> web.Response:
     settings: WebSettings = request.app[SETTINGS]
-    stubs: StageStubs = request.app[STAGE_STUBS]  # type: ignore[assignment]
     try:
-        avatars = await stubs.animate().ListAvatars(
+        avatars = await animate(request.app).ListAvatars(
             animate_pb2.ListAvatarsRequest(), timeout=settings.request_timeout_s
         )
     except aio.AioRpcError as error:
         raise from_grpc(error, "The animation service") from None
     try:
-        voices = await stubs.synthesize().ListVoices(
-            synthesize_pb2.ListVoicesRequest(), timeout=settings.request_timeout_s
+        voices = (
+            await request.app[CHANNELS]
+            .synthesize()
+            .ListVoices(synthesize_pb2.ListVoicesRequest(), timeout=settings.request_timeout_s)
         )
     except aio.AioRpcError as error:
         raise from_grpc(error, "The speech synthesis service") from None
@@ -161,7 +138,7 @@ async def create_avatar(request: web.Request) -> web.Response:
         reader = await request.multipart()
         async for part in reader:
             if getattr(part, "name", None) == "portrait":
-                image = bytes(await part.read())  # type: ignore[union-attr]
+                image = await _read_part(part, settings.max_upload_bytes)
                 name = (getattr(part, "filename", "") or "").rsplit(".", 1)[0]
             elif getattr(part, "name", None) == "name":
                 name = (await part.text())[:64]  # type: ignore[union-attr]
@@ -174,15 +151,29 @@ async def create_avatar(request: web.Request) -> web.Response:
             "No portrait came: send the image (PNG or JPEG) as the body, or as the "
             "multipart field `portrait`.",
         )
-    stubs: StageStubs = request.app[STAGE_STUBS]  # type: ignore[assignment]
     try:
-        response = await stubs.animate().CreateAvatar(
+        response = await animate(request.app).CreateAvatar(
             animate_pb2.CreateAvatarRequest(image=image, display_name=name or "uploaded"),
             timeout=settings.request_timeout_s,
         )
     except aio.AioRpcError as error:
         raise from_grpc(error, "The animation service") from None
     return web.json_response(avatar_json(response.avatar), status=201)
+
+
+async def _read_part(part: Any, limit: int) -> bytes:
+    # aiohttp holds a whole body to client_max_size, but not a multipart part.
+    data = bytearray()
+    while chunk := await part.read_chunk():
+        data += chunk
+        if len(data) > limit:
+            raise HttpError(
+                413,
+                f"The portrait is larger than the {limit} bytes this server accepts "
+                "(TALKER_WEB_MAX_UPLOAD_BYTES).",
+                "request_too_large",
+            )
+    return bytes(data)
 
 
 def _field(body: dict[str, Any], name: str, required: bool = False) -> str:
@@ -214,6 +205,17 @@ async def offer(request: web.Request) -> web.Response:
     language = _field(body, "language")
     if language not in LANGUAGES:
         raise HttpError(400, f"`language` must be one of {', '.join(LANGUAGES[1:])}.")
+    try:
+        avatar = (
+            await animate(request.app).GetAvatar(
+                animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
+                timeout=settings.request_timeout_s,
+            )
+        ).avatar
+    except aio.AioRpcError as error:
+        raise from_grpc(error, "The animation service") from None
+    # Checked with no await before the session is counted: two offers cannot both
+    # take the last place.
     sessions: dict[str, RtcSession] = request.app[SESSIONS]
     if len(sessions) >= settings.max_sessions:
         RTC_REFUSED.labels("busy").inc()
@@ -223,16 +225,6 @@ async def offer(request: web.Request) -> web.Response:
             f"(TALKER_WEB_MAX_SESSIONS={settings.max_sessions}). Try again when one ends.",
             "too_many_sessions",
         )
-    stubs: StageStubs = request.app[STAGE_STUBS]  # type: ignore[assignment]
-    try:
-        avatar = (
-            await stubs.animate().GetAvatar(
-                animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
-                timeout=settings.request_timeout_s,
-            )
-        ).avatar
-    except aio.AioRpcError as error:
-        raise from_grpc(error, "The animation service") from None
     trace_id = request[REQUEST_TRACE_ID]
     config = converse_config(avatar.avatar_id, voice_id, language, settings.max_session_s)
     talker: Any = request.app[TALKER]
@@ -363,7 +355,6 @@ class RtcSession:
     async def _fetch_idle_face(self) -> None:
         """The avatar at rest, shown until the first reply: its first frame for a
         moment of silence (AnimateService has no still of its portrait)."""
-        stubs: StageStubs = self.app[STAGE_STUBS]  # type: ignore[assignment]
 
         async def requests() -> AsyncIterator[animate_pb2.AnimateRequest]:
             yield animate_pb2.AnimateRequest(
@@ -379,7 +370,7 @@ class RtcSession:
             yield animate_pb2.AnimateRequest(audio=bytes(MIC_RATE_HZ // 5 * 2))
 
         try:
-            call = stubs.animate().Animate(
+            call = animate(self.app).Animate(
                 requests(), timeout=self.settings.request_timeout_s, metadata=self.metadata
             )
             async for response in call:
@@ -616,15 +607,12 @@ def setup(
     # aioice logs every candidate pair's state at INFO: a dozen lines a session.
     logging.getLogger("aioice").setLevel(logging.WARNING)
     app[SESSIONS] = {}
-    stubs = StageStubs(settings)
-    app[STAGE_STUBS] = stubs
 
     async def close_sessions(app: web.Application) -> None:
         await asyncio.gather(
             *(session.close() for session in list(app[SESSIONS].values())),
             return_exceptions=True,
         )
-        await stubs.close()
 
     app.on_shutdown.append(close_sessions)
     app.router.add_get("/rtc/options", options)
