@@ -226,6 +226,10 @@ async function start() {
   $("talk").classList.add("live");
   talker.events = [];
   talker.heard = [];
+  // Turns count from 0 again in a new call: earlier bubbles stay, but are done.
+  bubbles.user = new Map();
+  bubbles.avatar = new Map();
+  if ($("log").children.length) note("A new conversation.");
   audioContext = new AudioContext();
   try {
     micStream = await navigator.mediaDevices.getUserMedia({
