@@ -113,8 +113,12 @@ def test_openai_client_transcribes_a_wav(client: openai.OpenAI) -> None:
         file=("question.wav", wav),
         language="en",
         response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
     )
     assert verbose.language == "en" and verbose.duration > 1 and verbose.segments
+    words = verbose.words or []
+    assert "capital" in [w.word.lower().strip(",.?") for w in words], words
+    assert all(0 <= w.start <= w.end <= verbose.duration + 0.5 for w in words)
 
 
 def test_openai_client_speaks_and_the_words_come_back(web_system, client) -> None:  # type: ignore[no-untyped-def]
@@ -166,6 +170,21 @@ def test_openai_client_streams_a_chat_reply(client: openai.OpenAI) -> None:
     )
     assert whole.choices[0].message.content and whole.usage.total_tokens > 0
     assert [m.id for m in client.models.list().data] == ["whisper-1", "tts-1", "talker-chat"]
+
+
+def test_chat_history_resent_by_the_client_is_remembered(client: openai.OpenAI) -> None:
+    """OpenAI clients resend the conversation; a fresh session is given it as context."""
+    reply = client.chat.completions.create(
+        model="talker-chat",
+        temperature=0,
+        max_tokens=24,
+        messages=[
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada."},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    )
+    assert "ada" in (reply.choices[0].message.content or "").lower(), reply
 
 
 def test_malformed_requests_get_4xx_json_never_500(web_system: Supervisor) -> None:
@@ -242,6 +261,11 @@ def test_malformed_requests_get_4xx_json_never_500(web_system: Supervisor) -> No
         ({"file": ("q.wav", wav)}, 400, "`model` is required"),
         ({"model": "w", "file": ("q.wav", wav), "response_format": "xml"}, 400, "not supported"),
         ({"model": "w", "file": ("q.wav", wav), "language": "english!"}, 400, "ISO 639-1"),
+        (
+            {"model": "w", "file": ("q.wav", wav), "timestamp_granularities[]": "word"},
+            400,
+            "verbose_json",
+        ),
         ({"model": "w", "file": ("noise.bin", b"\x01\x02" * 500)}, 400, "could not be read"),
         ({"model": "w", "file": ("big.wav", b"\0" * (UPLOAD_LIMIT + 10))}, 413, "larger than"),
     ]

@@ -167,6 +167,21 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
             400, f"language {language[:20]!r} is not an ISO 639-1 code such as en or zh.",
             "invalid_value", "language",
         )  # fmt: skip
+    granularities = {
+        str(value) for name in ("timestamp_granularities[]", "timestamp_granularities")
+        for value in form.getall(name, [])
+    }  # fmt: skip
+    if granularities - {"word", "segment"}:
+        raise HttpError(
+            400, "timestamp_granularities may hold only `word` and `segment`.",
+            "invalid_value", "timestamp_granularities",
+        )  # fmt: skip
+    if granularities and response_format != "verbose_json":
+        raise HttpError(
+            400, "timestamp_granularities needs response_format verbose_json.",
+            "invalid_value", "timestamp_granularities",
+        )  # fmt: skip
+    words = "word" in granularities
     encoding, sample_rate_hz, audio = await asyncio.to_thread(asr_input, audio, upload.filename)
     recognized = (
         request.app[CHANNELS]
@@ -180,7 +195,9 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
                 ),
                 audio=audio,
                 config=asr_pb2.RecognitionConfig(
-                    language=language, initial_prompt=str(form.get("prompt", ""))[:1000]
+                    language=language,
+                    initial_prompt=str(form.get("prompt", ""))[:1000],
+                    word_timestamps=words,
                 ),
             ),
             **grpc_call_options(request),
@@ -190,7 +207,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         result = await recognized
     except grpc.aio.AioRpcError as error:
         raise from_grpc(error, "Speech recognition (asr)") from None
-    return transcription_response(result, response_format)
+    return transcription_response(result, response_format, words)
 
 
 def asr_input(data: bytes, filename: str) -> tuple[int, int, bytes]:
@@ -230,7 +247,9 @@ def asr_input(data: bytes, filename: str) -> tuple[int, int, bytes]:
     return audio_pb2.AUDIO_ENCODING_PCM_S16LE, ASR_RATE_HZ, pcm
 
 
-def transcription_response(result: asr_pb2.RecognizeResponse, response_format: str) -> web.Response:
+def transcription_response(
+    result: asr_pb2.RecognizeResponse, response_format: str, words: bool = False
+) -> web.Response:
     text = result.text.strip()
     if response_format == "text":
         return web.Response(text=text + "\n", content_type="text/plain")
@@ -238,8 +257,16 @@ def transcription_response(result: asr_pb2.RecognizeResponse, response_format: s
         return web.Response(text=subtitles(result, response_format), content_type="text/plain")
     if response_format == "json":
         return web.json_response({"text": text})
+    extra: dict[str, Any] = {}
+    if words:
+        extra["words"] = [
+            {"word": word.text.strip(), "start": word.start_ms / 1000, "end": word.end_ms / 1000}
+            for segment in result.segments
+            for word in segment.words
+        ]
     return web.json_response(
         {
+            **extra,
             "task": "transcribe",
             "language": result.language,
             "duration": result.audio_duration_ms / 1000,
@@ -325,6 +352,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
             **grpc_call_options(request),
         )
     )
+    content_type, container, codec = SPEECH_FORMATS[response_format]
+    if response_format == "pcm":
+        return await _stream_pcm(request, call, content_type)
     pcm = bytearray()
     try:
         async for message in call:
@@ -333,14 +363,38 @@ async def speech(request: web.Request) -> web.StreamResponse:
                 rate_hz = message.chunk.format.sample_rate_hz or rate_hz
     except grpc.aio.AioRpcError as error:
         raise from_grpc(error, "Speech synthesis (synthesize)") from None
-    content_type, container, codec = SPEECH_FORMATS[response_format]
-    if response_format == "pcm":
-        data = bytes(pcm)
-    elif response_format == "wav":
+    if response_format == "wav":
         data = wav_bytes(bytes(pcm), rate_hz)
     else:
         data = await asyncio.to_thread(encode_audio, bytes(pcm), rate_hz, container, codec)
     return web.Response(body=data, content_type=content_type)
+
+
+async def _stream_pcm(request: web.Request, call: Any, content_type: str) -> web.StreamResponse:
+    """Raw PCM needs no header: each chunk goes out as it is spoken, so a player
+    starts after the first sentence. A failure before the first chunk is a plain
+    HTTP error; one after it cuts the body short."""
+    response: web.StreamResponse | None = None
+    try:
+        async for message in call:
+            if not message.HasField("chunk"):
+                continue
+            if response is None:
+                response = web.StreamResponse(headers={"Content-Type": content_type})
+                response.headers["x-trace-id"] = request[REQUEST_TRACE_ID]
+                await response.prepare(request)
+            await response.write(message.chunk.audio)
+    except grpc.aio.AioRpcError as error:
+        if response is None:
+            raise from_grpc(error, "Speech synthesis (synthesize)") from None
+        log.warning("speech cut short", extra={"code": error.code().name})
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    if response is None:
+        return web.Response(body=b"", content_type=content_type)
+    await response.write_eof()
+    return response
 
 
 def wav_bytes(pcm: bytes, rate_hz: int) -> bytes:
