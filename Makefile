@@ -59,6 +59,7 @@ system-deps:
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v go >/dev/null || missing="$$missing golang-go"; \
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
 	command -v protoc-gen-go >/dev/null || missing="$$missing protoc-gen-go"; \

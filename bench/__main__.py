@@ -11,6 +11,7 @@ from bench import (
     guard_bench,
     jobs_bench,
     synthesize_bench,
+    web_bench,
 )
 
 BENCHES = {
@@ -22,6 +23,7 @@ BENCHES = {
     "jobs": jobs_bench.main,
     "chaos": chaos_bench.main,
     "guard": guard_bench.main,
+    "web": web_bench.main,
 }
 # Run on request only: comparisons of models and engines (long), not the product's speed.
 EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}

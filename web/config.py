@@ -52,6 +52,11 @@ class WebSettings(ServiceSettings):
     synthesize_address: str = Field(
         default="", description="host:port of SynthesizeService (empty: synthesize's)."
     )
+    animate_address: str = Field(
+        default="",
+        description="host:port of AnimateService (empty: animate's): the page's avatar list, "
+        "portrait uploads and the avatar's face at rest.",
+    )
 
     api_keys: list[str] = Field(
         default_factory=list,

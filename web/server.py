@@ -227,8 +227,9 @@ def build_app(settings: WebSettings) -> web.Application:
         rtc.setup(app, settings, channels.talker)
     app.router.add_get("/", index)
     if STATIC_DIR.is_dir():
-        # Last: routes above win over a file of the same name.
-        app.router.add_static("/", STATIC_DIR, follow_symlinks=False)
+        # Under /static/, not /: a static resource at / answers every unknown path
+        # itself, with an empty 404 instead of the JSON error.
+        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app
 
 
