@@ -12,6 +12,7 @@ from bench import (
     jobs_bench,
     startup_bench,
     synthesize_bench,
+    web_bench,
 )
 
 BENCHES = {
@@ -24,6 +25,7 @@ BENCHES = {
     "chaos": chaos_bench.main,
     "guard": guard_bench.main,
     "startup": startup_bench.main,
+    "web": web_bench.main,
 }
 # Run on request only: comparisons of models and engines (long), not the product's speed.
 EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}

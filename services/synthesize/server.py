@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from services.common.audio import OUTPUT_ENCODINGS, decode_clip, encoding_name
 from services.common.bridge import ThreadStream
 from services.common.errors import InvalidInput, LimitExceeded, PreconditionFailed
 from services.common.runtime import GrpcProgram, run_program
+from services.common.text import split_first_clause
 from services.common.work_queue import WorkQueue
 from services.synthesize.chunks import AudioChunker
 from services.synthesize.config import SynthesizeSettings
@@ -38,40 +38,6 @@ log = logging.getLogger("talker.synthesize")
 VOICE_METADATA_KEY = "x-talker-voice"
 MIN_OUTPUT_RATE_HZ = 8_000
 MAX_OUTPUT_RATE_HZ = 48_000
-# The first phrase of the first sentence is synthesised on its own, so the
-# first audio chunk does not wait for a whole long sentence (Piper takes ~40 ms
-# per second of speech on 2 cores). It is cut at a clause mark, or else before
-# a word that starts a phrase, so the seam falls where a speaker could pause.
-_FIRST_CLAUSE = re.compile(r"^([^.!?。！？]{12,}?[,;:，；：])\s+(?=\S)")
-_PHRASE_STARTS = frozenset(
-    [
-        "and",
-        "but",
-        "or",
-        "because",
-        "which",
-        "that",
-        "who",
-        "where",
-        "when",
-        "while",
-        "if",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "to",
-        "from",
-        "of",
-        "about",
-        "after",
-        "before",
-        "into",
-        "through",
-    ]
-)
-MIN_WORDS_TO_SPLIT = 9
 
 
 class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
@@ -88,6 +54,7 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
         rate_hz, encoding = self._output(request.output_format)
         speaking_rate = check_speaking_rate(request.speaking_rate)
         await self._mandarin_if_needed(request.voice_id, text)
+        # A Piper voice says the first phrase on its own: the first chunk comes early.
         speech = self.engine.speech_for(request.voice_id, text, split_first_clause)
         # The voice that speaks, which may not be the one asked for (Chinese text
         # sent to the default voice), for the caller's records. A trailer, not a
@@ -306,21 +273,6 @@ class SynthesizeServicer(synthesize_pb2_grpc.SynthesizeServiceServicer):
             f"{voice.voice_id!r} is a built-in voice and cannot be deleted; remove its files "
             "from the voices folder instead."
         )
-
-
-def split_first_clause(text: str) -> list[str]:
-    match = _FIRST_CLAUSE.match(text)
-    if match is not None:
-        return [match.group(1), text[match.end() :]]
-    first_sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-    words = first_sentence.split()
-    if len(words) < MIN_WORDS_TO_SPLIT:
-        return [text]
-    for index in range(4, min(9, len(words) - 2)):
-        if words[index].lower() in _PHRASE_STARTS:
-            head = " ".join(words[:index])
-            return [head, text[len(head) :].lstrip()]
-    return [text]
 
 
 def check_speaking_rate(speaking_rate: float) -> float:
