@@ -10,6 +10,7 @@ from bench import (
     gateway_bench,
     guard_bench,
     jobs_bench,
+    load_bench,
     synthesize_bench,
 )
 
@@ -22,6 +23,7 @@ BENCHES = {
     "jobs": jobs_bench.main,
     "chaos": chaos_bench.main,
     "guard": guard_bench.main,
+    "load": load_bench.main,
 }
 # Run on request only: comparisons of models and engines (long), not the product's speed.
 EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}

@@ -80,6 +80,21 @@ class GatewaySettings(ServiceSettings):
         "away. Hides the end-of-utterance wait from the user at the cost of some "
         "discarded work when people pause mid-sentence.",
     )
+    max_conversations: int = Field(
+        default=4,
+        ge=1,
+        description="Calls that run turns at once: each open Converse for its whole life, "
+        "each Ask while its turn runs. The next one is refused at once with "
+        "RESOURCE_EXHAUSTED and a `retry-after-ms` trailer, so the calls in progress keep "
+        "their latency. Measured with `python -m bench load`: on 2 cores, 4 devices asking "
+        "at once keep first audio within about twice one device's.",
+    )
+    busy_retry_after_s: float = Field(
+        default=5,
+        gt=0,
+        le=3600,
+        description="The wait a refused caller is told to take (trailer `retry-after-ms`).",
+    )
     archive_dir: Path = Field(
         default_factory=lambda: default_var_dir() / "archive",
         description="Root of the archive: {root}/{date}/{user_id}_{timestamp}_{scene}.mp4 + .json.",
