@@ -105,7 +105,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
                 )
             stream_config = first.config
             layout, options = self._stream_options(stream_config)
-            recognizer = StreamingRecognizer(self.engine, options)
+            recognizer = StreamingRecognizer(self.engine, options, waiting=incoming.qsize)
             resampler = StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ)
             max_samples = int(self.settings.max_stream_s * layout.sample_rate_hz)
             received = 0
