@@ -1,8 +1,9 @@
 """Load: N devices talking to one host at once, every program a real process
 under supervisord. For N = 1, 2, 4, 8 devices (BENCH_LOAD_DEVICES), each opens
 a Converse call and asks BENCH_LOAD_TURNS spoken questions (audio and video
-replies), the next one after it has heard the answer, as a person would; the
-devices start a little apart, as real callers do. Per N: how many were
+replies), the next one after it has heard the answer, as a person would. The
+devices' first questions are spread over one turn's length (BENCH_LOAD_SPREAD_S),
+so they collide as independent callers do, not all on the same instant. Per N: how many were
 admitted and how many refused (RESOURCE_EXHAUSTED and its retry hint), first
 audio and first video frame from the end of speech (p50/p95, and p50 against
 one device's in the same run), and fairness (the slowest device's p50 over
@@ -32,11 +33,12 @@ from tests.speech import silence
 
 DEVICES = [int(n) for n in os.environ.get("BENCH_LOAD_DEVICES", "1,2,4,8").split(",")]
 TURNS = int(os.environ.get("BENCH_LOAD_TURNS", "3"))
-STAGGER_S = 0.4  # between one device's first word and the next one's
+# About one spoken turn on this host (question, answer, the pause after it).
+SPREAD_S = float(os.environ.get("BENCH_LOAD_SPREAD_S", "6"))
 
 
-def device_steps(index: int) -> list:  # type: ignore[type-arg]
-    steps: list = [pause(silence(0.5 + STAGGER_S * index))]  # type: ignore[type-arg]
+def device_steps(index: int, count: int) -> list:  # type: ignore[type-arg]
+    steps: list = [pause(silence(0.5 + SPREAD_S * index / count))]  # type: ignore[type-arg]
     for n in range(TURNS):
         steps.append(speech(trimmed(QUESTIONS[(index + n) % len(QUESTIONS)])))
         steps += [wait_for(listened(n), 300), pause(silence(0.3))]
@@ -58,7 +60,11 @@ def run_devices(
 
     def run(index: int) -> None:
         sessions[index] = converse(
-            stub, config, device_steps(index), trace_id=f"load-{count}-{index}", timeout_s=1800
+            stub,
+            config,
+            device_steps(index, count),
+            trace_id=f"load-{count}-{index}",
+            timeout_s=1800,
         )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
@@ -114,6 +120,7 @@ def main() -> None:
             if turned_away and refusals_from is None:
                 refusals_from = count
             turns = sum(len(s.of("turn_finished")) for s in admitted)
+            cut = sum(len(s.of("interrupted")) for s in admitted)
             rows.append(
                 [
                     count,
@@ -121,6 +128,7 @@ def main() -> None:
                     len(turned_away),
                     len(failed),
                     f"{turns}/{len(admitted) * TURNS}",
+                    cut,
                     p50,
                     percentile(audio, 95),
                     p50 / baseline if baseline else float("nan"),
@@ -140,6 +148,7 @@ def main() -> None:
             "refused",
             "failed",
             "turns",
+            "interrupted",
             "first audio p50",
             "first audio p95",
             "p50 / 1 device",
@@ -150,6 +159,8 @@ def main() -> None:
         ],
         rows,
     )
+    within = [row[0] for row in rows if row[2] == 0 and row[6] <= 2 * (baseline or 0)]
+    print(f"largest N with first audio p50 within 2x one device's: {max(within, default='none')}")
     print(
         f"refusals begin at N = {refusals_from or 'none of ' + str(DEVICES)}; retry hints "
         f"({RETRY_AFTER_KEY}): {sorted(hints) or 'none given'}; load average at the end "
