@@ -81,13 +81,14 @@ class GatewaySettings(ServiceSettings):
         "discarded work when people pause mid-sentence.",
     )
     max_conversations: int = Field(
-        default=4,
+        default=2,
         ge=1,
         description="Calls that run turns at once: each open Converse for its whole life, "
         "each Ask while its turn runs. The next one is refused at once with "
         "RESOURCE_EXHAUSTED and a `retry-after-ms` trailer, so the calls in progress keep "
-        "their latency. Measured with `python -m bench load`: on 2 cores, 4 devices asking "
-        "at once keep first audio within about twice one device's.",
+        "their latency. Measured with `python -m bench load` on 2 cores: 2 devices kept "
+        "first audio p50/p95 near one device's (1032/1653 ms vs 1182/1470), 4 pushed p95 "
+        "to 4278 ms, 8 took p50 to 7430 ms. On a bigger host, measure and raise it.",
     )
     busy_retry_after_s: float = Field(
         default=5,
