@@ -118,7 +118,7 @@ run: setup system-deps
 	else \
 	  $(VENV)/bin/supervisord -c $(SUPERVISOR_CONF); \
 	fi
-	$(PY) -m services.common.health_probe --timeout 300
+	$(PY) -m operations.readiness --timeout 300
 
 stop:
 	-$(SUPERVISORCTL) shutdown
@@ -128,7 +128,7 @@ status:
 
 restart: setup
 	$(SUPERVISORCTL) restart talker:*
-	$(PY) -m services.common.health_probe --timeout 300
+	$(PY) -m operations.readiness --timeout 300
 
 logs:
 	tail -n 50 $(TALKER_VAR_DIR)/log/*.log
@@ -144,7 +144,8 @@ test-fast: setup
 lint: setup system-deps node_modules/.bin/buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway jobs
+	$(VENV)/bin/mypy services pipeline gateway jobs web operations
+	$(VENV)/bin/lint-imports --no-logo
 	npx --no-install buf lint
 	@# Kubernetes manifests against the API schemas bundled in kubernetes-validate
 	@# (offline); 1.30: the oldest release we promise (gRPC probes are GA since 1.27).

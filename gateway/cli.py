@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from gateway.archive import wav_bytes
-from services.common.programs import PROGRAMS, program_settings
+from operations.programs import PROGRAMS, program_settings
+from pipeline.archive import wav_bytes
 from talker.v1 import (
     animate_pb2,
     animate_pb2_grpc,

@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.downstream import Stages
-from gateway.turns import Emit, HeldEmit, Turn, cancel_and_wait, checked_text, stream_events
+from gateway.checks import checked_text
+from gateway.config import GatewaySettings
+from pipeline.runner import TurnRunner
+from pipeline.turns import CallContext, HeldEmit, Turn
 from services.common.audio import raw_layout
 from services.common.errors import InvalidInput, LimitExceeded, TalkerError
 from services.common.ids import new_id
+from services.common.tasks import cancel_and_wait, stream_events
 from talker.v1 import asr_pb2, chat_pb2, talker_pb2
 
 log = logging.getLogger("talker.gateway.converse")
@@ -24,38 +27,32 @@ log = logging.getLogger("talker.gateway.converse")
 # (gRPC flow control) instead of filling the gateway's memory.
 AUDIO_BACKLOG_CHUNKS = 500
 
-RunTurn = Callable[[Turn, Emit], Coroutine[Any, Any, None]]
-Interrupted = Callable[[Turn], Awaitable[None]]
-
 
 class Conversation:
+    """One Converse call: hears the device's audio through streaming ASR, starts a
+    turn per utterance (or typed text), guesses ahead on a pause (speculation), and
+    stops a reply the user talks over (barge-in). The turns run in the pipeline."""
+
     def __init__(
         self,
-        stages: Stages,
+        runner: TurnRunner,
+        call: CallContext,
         config: talker_pb2.ConverseConfig,
-        session_id: str,
-        trace_id: str,
-        run_turn: RunTurn,
-        interrupted: Interrupted,
-        max_text_chars: int,
-        max_call_s: float,
-        speculate: bool = True,
-        lookup_timeout_s: float = 5,
+        settings: GatewaySettings,
     ) -> None:
-        self.speculate = speculate
-        self.lookup_timeout_s = lookup_timeout_s
+        self.runner = runner
+        self.call = call
+        self.speculate = settings.speculative_replies
         #: A reply started on ASR's speculative result, held back until the final confirms it.
         self.guess: tuple[Turn, asyncio.Task[None], HeldEmit] | None = None
         # A dropped guess may have reached the chat history; the next reply takes it back.
         self.take_back = ""
-        self.stages = stages
+        self.stages = runner.stages
         self.config = config
-        self.session_id = session_id
-        self.trace_id = trace_id
-        self.run_turn = run_turn
-        self.interrupted = interrupted
-        self.max_text_chars = max_text_chars
-        self.max_call_s = max_call_s
+        self.session_id = call.session_id
+        self.trace_id = call.trace_id
+        self.max_text_chars = settings.max_question_chars
+        self.max_call_s = settings.converse_max_s
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self.next_turn = 0
         self.current: tuple[Turn, asyncio.Task[None]] | None = None
@@ -149,10 +146,7 @@ class Conversation:
             while (chunk := await asr_input.get()) is not None:
                 yield asr_pb2.StreamingRecognizeRequest(audio=chunk)
 
-        stub = self.stages.asr_stub
-        async for response in self.stages.asr.bidi(
-            stub.StreamingRecognize, requests(), self.max_call_s
-        ):
+        async for response in self.stages.asr.streaming_recognize(requests(), self.max_call_s):
             if response.WhichOneof("response") == "event":
                 kind = response.event.type
                 if kind == asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED:
@@ -198,7 +192,7 @@ class Conversation:
         if heard:
             turn.mark("asr_final_ms")
         self.next_turn += 1
-        self.current = (turn, asyncio.create_task(self.run_turn(turn, self.emit)))
+        self.current = (turn, asyncio.create_task(self.runner.run(turn, self.call, self.emit)))
 
     async def _guess(self, text: str, language: str) -> None:
         """Starts replying to what ASR heard when the pause began; nothing of it
@@ -215,7 +209,7 @@ class Conversation:
             discard_speculation_id=self._take_back(),
         )
         held = HeldEmit(self.emit)
-        self.guess = (turn, asyncio.create_task(self.run_turn(turn, held)), held)
+        self.guess = (turn, asyncio.create_task(self.runner.run(turn, self.call, held)), held)
         log.info("speculative reply started", extra={"heard": text[:80]})
 
     async def _confirm_guess(self, started: float) -> None:
@@ -263,7 +257,7 @@ class Conversation:
                 )
             )
         )
-        await self.interrupted(turn)
+        await self.runner.interrupted(turn, self.call)
 
     async def _cancel_turn(self) -> None:
         await self._drop_guess()
@@ -278,8 +272,6 @@ class Conversation:
             session_id=self.session_id, speculation_id=speculation_id
         )
         try:
-            await self.stages.chat.unary(
-                self.stages.chat_stub.DiscardSpeculation, request, self.lookup_timeout_s
-            )
+            await self.stages.chat.discard_speculation(request)
         except TalkerError as error:  # chat is down: its history went with it
             log.warning("could not take a guess back", extra={"error": str(error)})

@@ -1,6 +1,6 @@
 """The render-job RPCs of TalkerService: SubmitRender, GetJob, ListJobs and
 CancelJob. They check the request and translate between messages and the
-queue (jobs/queue.py); workers (jobs/worker.py) do the rendering.
+queue (pipeline/jobs_queue.py); workers (jobs/worker.py) do the rendering.
 
 A mixin of TalkerServicer: it uses the servicer's `stages` (to refuse an
 unknown avatar or voice at once) and nothing else of it. The queue connects
@@ -16,9 +16,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import GatewaySettings
-from gateway.downstream import PIPELINE_STAGE, Stages
-from jobs.config import JobSettings
-from jobs.queue import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, JobRecord, JobSpec
+from pipeline.config import JobSettings
+from pipeline.jobs_queue import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    JobQueue,
+    JobRecord,
+    JobSpec,
+)
+from pipeline.stages import PIPELINE_STAGE, Stages
 from services.common.audio import decode_clip
 from services.common.errors import InvalidInput, LimitExceeded, StageUnavailable
 from services.common.ids import check_id
@@ -122,7 +131,7 @@ class JobRpcs:
             spec.audio_channels = clip.format.channels
             spec.audio_ms = max(1, int(seconds * 1000))
         # Unknown avatars and voices fail the submit with NOT_FOUND, not the job later.
-        await self.stages.check_ids(voice_id, avatar_id, self.settings.lookup_timeout_s)
+        await self.stages.check_ids(voice_id, avatar_id)
         record = await self._queued(queue.submit(spec))
         return talker_pb2.SubmitRenderResponse(job=job_message(record))
 

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 
-from jobs.config import RedisSettings
+from pipeline.config import RedisSettings
 from services.common.logs import json_line
 
 # "3542:M 02 Dec 2026 05:47:45.239 * Ready to accept connections"

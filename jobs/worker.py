@@ -6,9 +6,10 @@ through AnimateService's Render, archives the mp4 and its JSON record
 (`{root}/{date}/{user_id}_{timestamp}_{scene}.mp4`, temp name then rename),
 and only then records the job as done and acknowledges its entry.
 
-It calls the stages exactly as the gateway does (gateway.downstream.Stages:
+It calls the stages exactly as the gateway does (pipeline.stages.Stages:
 trace ids, retries while a stage restarts, errors naming the stage), with the
-gateway's settings for addresses, deadlines and the archive folder. Each job
+same settings for addresses, deadlines and the archive folder
+(pipeline.config.StageSettings, as `TALKER_WORKER_*`). Each job
 runs under its submit call's trace id, so one grep follows it from
 SubmitRender through every attempt to the archive record.
 
@@ -51,11 +52,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.archive import Archive, ArchiveEntry
-from gateway.config import GatewaySettings
-from gateway.downstream import StageFailure, Stages, pcm_s16le
-from jobs.config import JobSettings, WorkerSettings
-from jobs.queue import Delivery, JobQueue, Lease
+from jobs.config import WorkerSettings
+from pipeline.archive import Archive, ArchiveEntry
+from pipeline.config import JobSettings
+from pipeline.jobs_queue import Delivery, JobQueue, Lease
+from pipeline.stages import StageFailure, Stages, pcm_s16le
 from services.common.errors import TalkerError
 from services.common.runtime import GrpcProgram, run_program
 from services.common.tracing import current_trace_id
@@ -100,17 +101,14 @@ class Rendered:
 
 
 class Worker:
-    def __init__(
-        self, settings: WorkerSettings, job_settings: JobSettings, gateway: GatewaySettings
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, job_settings: JobSettings) -> None:
         self.settings = settings
         self.job_settings = job_settings
-        self.gateway = gateway
         #: Unique per process: a restarted worker is a new consumer, and the
         #: entries of the old one are taken over like any dead worker's.
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.queue = JobQueue(job_settings)
-        self.archive = Archive(gateway.archive_dir, gateway.archive_retention_days)
+        self.archive = Archive(settings.archive_dir, settings.archive_retention_days)
         self.stages: Stages | None = None
         self.program: GrpcProgram | None = None
         self.stopping = asyncio.Event()
@@ -122,7 +120,7 @@ class Worker:
     def begin(self, program: GrpcProgram) -> None:
         """Inside the running loop: channels to the stages, then the job loop."""
         self.program = program
-        self.stages = Stages(self.gateway)
+        self.stages = Stages(self.settings)
         self.stages.start_watching(lambda stage: None)
         self._loop_task = asyncio.create_task(self.run(), name="job-loop")
 
@@ -379,10 +377,9 @@ class Worker:
             pcm = bytearray()
             rate = 0
             # A whole script, not one sentence: the render deadline, not the per-sentence one.
-            async for response in self.stages.synthesize.stream(
-                self.stages.synthesize_stub.Synthesize,
+            async for response in self.stages.synthesize.synthesize(
                 synthesize_pb2.SynthesizeRequest(text=job.script, voice_id=job.voice_id),
-                self.gateway.render_timeout_s,
+                timeout_s=self.settings.render_timeout_s,
             ):
                 if response.WhichOneof("response") == "chunk":
                     pcm.extend(response.chunk.audio)
@@ -391,7 +388,7 @@ class Worker:
             audio_format = pcm_s16le(rate)
             timings["synthesize_ms"] = int((time.monotonic() - started) * 1000)
         rendering = time.monotonic()
-        mp4, result = await self.stages.render(
+        mp4, result = await self.stages.animate.render(
             # Queued work yields the CPU to live conversations on the same host.
             animate_pb2.RenderRequest(
                 avatar_id=job.avatar_id,
@@ -400,7 +397,6 @@ class Worker:
                 fps=job.fps,
                 background=True,
             ),
-            self.gateway.render_timeout_s,
         )
         if result is None:
             raise StageFailure(
@@ -522,7 +518,7 @@ class Worker:
 
 
 def build_program(settings: WorkerSettings) -> GrpcProgram:
-    worker = Worker(settings, JobSettings(), GatewaySettings())
+    worker = Worker(settings, JobSettings())
     holder: dict[str, GrpcProgram] = {}
 
     def add_servicers(server: aio.Server) -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.archive import Archive, Archivist
+from pipeline.archive import Archive, Archivist
 from services.common.cache_files import PARTIAL_MARK
 
 

@@ -7,8 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from operations.cleanup import clean_cache, entries
 from services.common.cache_files import PARTIAL_MARK
-from services.watchdog.cleanup import clean_cache, entries
 
 DAY = 86400.0
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from jobs.config import JobSettings
-from jobs.queue import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, JobSpec
+from pipeline.config import JobSettings
+from pipeline.jobs_queue import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, JobSpec
 from services.common.errors import NotFound, PreconditionFailed
 from tests.processes import REPO, VENV_BIN, free_port
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from operations.programs import PROGRAMS
 from services.common.health_probe import probe
-from services.common.programs import PROGRAMS
 from services.common.runtime import GrpcProgram
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +46,10 @@ class Supervisor:
             ports[f"TALKER_{program.upper()}_PORT"] = str(port)
         # Redis on a free port too, and the job queue pointed at it; one render
         # worker unless the test asks for more (TALKER_JOBS_WORKERS in `env`).
+        # The web program's HTTP port (its `port` is the health port, set above).
+        self.web_http_port = free_port()
+        ports["TALKER_WEB_HTTP_PORT"] = str(self.web_http_port)
+        self.web_url = f"http://127.0.0.1:{self.web_http_port}"
         self.redis_port = free_port()
         ports["TALKER_REDIS_PORT"] = str(self.redis_port)
         ports["TALKER_JOBS_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from services.common.programs import PROGRAMS
+from operations.programs import PROGRAMS
 from tests.processes import VENV_BIN
 
 SERVICES = {
@@ -19,6 +19,8 @@ SERVICES = {
     "synthesize": "talker.v1.SynthesizeService",
     "animate": "talker.v1.AnimateService",
     "gateway": "talker.v1.TalkerService",
+    # Serves HTTP; its gRPC port has health and reflection only.
+    "web": "grpc.health.v1.Health",
 }
 
 
@@ -38,7 +40,7 @@ def test_program_serves_health_reflection_and_trace_ids(system, program: str) ->
         "-H",
         f"x-trace-id: probe-{program}",
         "-d",
-        json.dumps({"service": service}),
+        json.dumps({"service": "" if program == "web" else service}),
         address,
         "grpc.health.v1.Health/Check",
     )

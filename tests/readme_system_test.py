@@ -41,7 +41,15 @@ def test_the_readme_marks_its_live_blocks() -> None:
     blocks = live_blocks((REPO / "README.md").read_text())
     scripts = "\n".join(script for _line, script in blocks)
     assert len(blocks) >= 8
-    for command in ("talker ask", "talker voices add", "SubmitRender", "Recognize", "grep"):
+    for command in (
+        "talker ask",
+        "talker voices add",
+        "SubmitRender",
+        "Recognize",
+        "grep",
+        "/v1/audio/transcriptions",
+        "DownloadFile",
+    ):
         assert command in scripts, command
 
 
@@ -62,11 +70,13 @@ def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: P
     )
 
     def moved(script: str) -> str:
-        return re.sub(
+        script = re.sub(
             r"127\.0\.0\.1:(5005[0-4])",
             lambda port: system.addresses[DEFAULT_PORTS[port[1]]],
             script,
         )
+        # The web program's HTTP port (its 50055 is health only).
+        return script.replace("127.0.0.1:8090", system.web_url.removeprefix("http://"))
 
     outputs = {}
     for line, script in live_blocks((REPO / "README.md").read_text()):
@@ -96,3 +106,9 @@ def test_readme_blocks_run_against_a_live_system(system: Supervisor, tmp_path: P
     # The answer files the commands wrote.
     assert (tmp_path / "answer.mp4").stat().st_size > 10_000
     assert (tmp_path / "hello.wav").read_bytes()[:4] == b"RIFF"
+    # The web program's answers: speech, a transcript, a chat reply, a download.
+    assert (tmp_path / "hello-web.wav").read_bytes()[:4] == b"RIFF"
+    assert '"text": "' in everything and "Paris" in everything
+    assert "identical to the archive" in everything
+    rest = (tmp_path / "reply-rest.bin").read_bytes()
+    assert rest and rest == (tmp_path / "reply.wav").read_bytes()[44:]

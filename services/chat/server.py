@@ -15,11 +15,11 @@ from grpc import aio
 from services.chat.config import ChatSettings
 from services.chat.engine import ChatEngine, GenerationParams, GenerationRun, Prompt, build_engine
 from services.chat.guard import Guard
-from services.chat.sentences import SentenceSplitter
 from services.chat.sessions import Message, Session, SessionStore
 from services.common.errors import InvalidInput, LimitExceeded, NotFound
 from services.common.ids import check_id
 from services.common.runtime import GrpcProgram, run_program
+from services.common.text import SentenceSplitter
 from services.common.work_queue import WorkQueue
 from talker.v1 import chat_pb2, chat_pb2_grpc
 

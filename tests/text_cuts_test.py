@@ -1,8 +1,9 @@
-"""The opening clause of a reply goes to speech before its sentence ends."""
+"""The one text-cutting policy (services/common/text.py): sentences, and the
+opening clause that goes to speech before its sentence ends."""
 
 from __future__ import annotations
 
-from gateway.turns import OpeningClause
+from services.common.text import OpeningClause, split_first_clause
 
 
 def feed_all(opening: OpeningClause, deltas: list[str]) -> list[str]:
@@ -34,3 +35,28 @@ def test_chinese_clauses_count_characters() -> None:
         "法国的首都是巴黎，"
     ]
     assert opening.rest_of("法国的首都是巴黎，一个美丽的城市。") == "一个美丽的城市。"
+
+
+def test_a_clause_after_the_first_sentence_is_not_an_opening() -> None:
+    opening = OpeningClause()
+    assert feed_all(opening, ["Yes.", " Well", ", as far as I know", ", it is Paris."]) == []
+    assert opening.rest_of("Yes.") == "Yes."
+
+
+def test_whole_text_is_cut_by_the_same_rule() -> None:
+    # Too short a clause: no cut at the comma; too short a sentence: no phrase cut.
+    assert split_first_clause("Well, the weather is fine today.") == [
+        "Well, the weather is fine today."
+    ]
+    assert split_first_clause("The weather in Paris, they say, is fine.") == [
+        "The weather in Paris,",
+        "they say, is fine.",
+    ]
+    assert split_first_clause("法国的首都是巴黎，一个美丽的城市。") == [
+        "法国的首都是巴黎，",
+        "一个美丽的城市。",
+    ]
+    # No clause mark in a long sentence: cut before a word that starts a phrase.
+    assert split_first_clause(
+        "The old lighthouse keeper walked slowly with his dog every evening."
+    ) == ["The old lighthouse keeper walked slowly", "with his dog every evening."]

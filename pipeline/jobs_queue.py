@@ -40,7 +40,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from jobs.config import JobSettings
+from pipeline.config import JobSettings
 from services.common.errors import NotFound, PreconditionFailed
 
 GROUP = "workers"

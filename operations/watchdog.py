@@ -27,13 +27,13 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from supervisor.xmlrpc import SupervisorTransport
 
+from operations.cleanup import clean_cache
+from operations.programs import PROGRAMS, program_settings
 from services.common.health_probe import probe
 from services.common.logs import configure_logging
 from services.common.metrics import MEMORY_LIMIT, READY, start_metrics_endpoint
-from services.common.programs import PROGRAMS, program_settings
 from services.common.runtime import load_settings
 from services.common.settings import ServiceSettings
-from services.watchdog.cleanup import clean_cache
 
 log = logging.getLogger("talker.watchdog")
 
@@ -270,3 +270,7 @@ def main() -> None:
     READY.set(1)
     MEMORY_LIMIT.set(settings.memory_limit_bytes())
     Watchdog(settings, supervisor_proxy(settings), args.programs).run_forever()
+
+
+if __name__ == "__main__":
+    main()

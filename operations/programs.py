@@ -1,5 +1,6 @@
-"""The programs supervisord runs, and where each one's settings live. The
-readiness wait and (later) the watchdog find every program's port here."""
+"""The programs supervisord runs, and where each one's settings live (named by
+string, imported only when asked for). The readiness wait and the watchdog find
+every program's port here."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ PROGRAMS: dict[str, str] = {
     "chat": "services.chat.config:ChatSettings",
     "synthesize": "services.synthesize.config:SynthesizeSettings",
     "animate": "services.animate.config:AnimateSettings",
-    # Last: it waits for the four above before it reports SERVING.
+    # It waits for the four above before it reports SERVING.
     "gateway": "gateway.config:GatewaySettings",
+    # A client of the gateway (the page, downloads) and of the stages (OpenAI-style HTTP).
+    # Its `port` serves grpc.health.v1 only; the HTTP port is `http_port`.
+    "web": "web.config:WebSettings",
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from services.common.cache_files import PARTIAL_MARK, remove_stale_partials
 
-log = logging.getLogger("talker.gateway.archive")
+log = logging.getLogger("talker.pipeline.archive")
 
 DATE_FORMAT = "%Y-%m-%d"
 

@@ -1,6 +1,9 @@
-"""The four stages as the gateway sees them: a channel each, their health
-followed through `grpc.health.v1` Watch, and calls that carry the trace id,
-retry while a stage restarts, and fail with a sentence naming the stage."""
+"""The four stages as their callers (the gateway, the render workers) see them:
+one typed client each (`AsrClient`, `ChatClient`, `SynthesizeClient`,
+`AnimateClient`), in the manner of Riva's Python clients. Every call carries the
+trace id, has its deadline from the settings, waits for a stage its health Watch
+says is restarting, retries UNAVAILABLE before anything was produced, and fails
+with a sentence naming the stage."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import STAGES, GatewaySettings
+from pipeline.config import STAGES, StageSettings
 from services.common.errors import TalkerError, status_code_for
 from services.common.interceptors import MODEL_METADATA_KEY
 from services.common.runtime import channel_options
@@ -23,15 +26,17 @@ from services.common.tracing import TRACE_METADATA_KEY, current_trace_id
 from talker.v1 import (
     animate_pb2,
     animate_pb2_grpc,
+    asr_pb2,
     asr_pb2_grpc,
     audio_pb2,
+    chat_pb2,
     chat_pb2_grpc,
     synthesize_pb2,
     synthesize_pb2_grpc,
     talker_pb2,
 )
 
-log = logging.getLogger("talker.gateway.downstream")
+log = logging.getLogger("talker.pipeline.stages")
 # Trailing metadata in which Synthesize names the voice that spoke (it may not be
 # the one asked for: Chinese text sent to the default voice gets the Mandarin one).
 VOICE_METADATA_KEY = "x-talker-voice"
@@ -111,9 +116,10 @@ def trace_metadata() -> tuple[tuple[str, str], ...]:
 
 
 class Stage:
-    """One downstream program: its channel, stubs and last known health."""
+    """One downstream program: its channel, its last known health, and the
+    generic call shapes (unary, server stream, bidi) the typed clients use."""
 
-    def __init__(self, name: str, address: str, settings: GatewaySettings) -> None:
+    def __init__(self, name: str, address: str, settings: StageSettings) -> None:
         self.name = name
         self.address = address
         self.settings = settings
@@ -265,54 +271,100 @@ class Stage:
         await self.channel.close()
 
 
-class Stages:
-    """All four stages and their stubs."""
+class AsrClient(Stage):
+    def __init__(self, address: str, settings: StageSettings) -> None:
+        super().__init__("asr", address, settings)
+        self.stub = asr_pb2_grpc.AsrServiceStub(self.channel)
 
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.by_name = {
-            name: Stage(name, settings.stage_address(name), settings) for name in STAGES
-        }
-        self.asr = self.by_name["asr"]
-        self.chat = self.by_name["chat"]
-        self.synthesize = self.by_name["synthesize"]
-        self.animate = self.by_name["animate"]
-        self.asr_stub = asr_pb2_grpc.AsrServiceStub(self.asr.channel)
-        self.chat_stub = chat_pb2_grpc.ChatServiceStub(self.chat.channel)
-        self.synthesize_stub = synthesize_pb2_grpc.SynthesizeServiceStub(self.synthesize.channel)
-        self.animate_stub = animate_pb2_grpc.AnimateServiceStub(self.animate.channel)
+    async def recognize(self, request: asr_pb2.RecognizeRequest) -> asr_pb2.RecognizeResponse:
+        response: asr_pb2.RecognizeResponse = await self.unary(
+            self.stub.Recognize, request, self.settings.asr_timeout_s
+        )
+        return response
 
-    def start_watching(self, on_change: Callable[[Stage], None]) -> None:
-        for stage in self.by_name.values():
-            stage.on_change = on_change
-            stage.start_watching()
+    def streaming_recognize(
+        self, requests: AsyncIterator[asr_pb2.StreamingRecognizeRequest], timeout_s: float
+    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+        return self.bidi(self.stub.StreamingRecognize, requests, timeout_s)
 
-    async def check_ids(self, voice_id: str, avatar_id: str, timeout_s: float) -> None:
-        """Unknown voices and avatars fail at once with NOT_FOUND (empty ids are not
-        looked up), so a call never fails for them halfway."""
-        if voice_id:
-            await self.synthesize.unary(
-                self.synthesize_stub.GetVoice,
-                synthesize_pb2.GetVoiceRequest(voice_id=voice_id),
-                timeout_s,
-            )
-        if avatar_id:
-            await self.animate.unary(
-                self.animate_stub.GetAvatar,
-                animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
-                timeout_s,
-            )
+
+class ChatClient(Stage):
+    def __init__(self, address: str, settings: StageSettings) -> None:
+        super().__init__("chat", address, settings)
+        self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
+
+    def chat(self, request: chat_pb2.ChatRequest) -> AsyncIterator[chat_pb2.ChatResponse]:
+        return self.stream(self.stub.Chat, request, self.settings.chat_timeout_s)
+
+    async def discard_speculation(self, request: chat_pb2.DiscardSpeculationRequest) -> None:
+        await self.unary(self.stub.DiscardSpeculation, request, self.settings.lookup_timeout_s)
+
+    async def get_session(self, request: chat_pb2.GetSessionRequest) -> chat_pb2.GetSessionResponse:
+        response: chat_pb2.GetSessionResponse = await self.unary(
+            self.stub.GetSession, request, self.settings.lookup_timeout_s
+        )
+        return response
+
+
+class SynthesizeClient(Stage):
+    def __init__(self, address: str, settings: StageSettings) -> None:
+        super().__init__("synthesize", address, settings)
+        self.stub = synthesize_pb2_grpc.SynthesizeServiceStub(self.channel)
+
+    def synthesize(
+        self,
+        request: synthesize_pb2.SynthesizeRequest,
+        trailers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[synthesize_pb2.SynthesizeResponse]:
+        """`trailers` receives the call's trailing metadata (the voice that spoke);
+        the deadline is one sentence's unless `timeout_s` says otherwise."""
+        return self.stream(
+            self.stub.Synthesize,
+            request,
+            timeout_s or self.settings.synthesize_timeout_s,
+            trailers,
+        )
+
+    async def get_voice(self, voice_id: str) -> synthesize_pb2.GetVoiceResponse:
+        response: synthesize_pb2.GetVoiceResponse = await self.unary(
+            self.stub.GetVoice,
+            synthesize_pb2.GetVoiceRequest(voice_id=voice_id),
+            self.settings.lookup_timeout_s,
+        )
+        return response
+
+
+class AnimateClient(Stage):
+    def __init__(self, address: str, settings: StageSettings) -> None:
+        super().__init__("animate", address, settings)
+        self.stub = animate_pb2_grpc.AnimateServiceStub(self.channel)
+
+    def animate(
+        self, requests: AsyncIterator[animate_pb2.AnimateRequest]
+    ) -> AsyncIterator[animate_pb2.AnimateResponse]:
+        return self.bidi(self.stub.Animate, requests, self.settings.animate_timeout_s)
+
+    async def get_avatar(self, avatar_id: str) -> animate_pb2.GetAvatarResponse:
+        response: animate_pb2.GetAvatarResponse = await self.unary(
+            self.stub.GetAvatar,
+            animate_pb2.GetAvatarRequest(avatar_id=avatar_id),
+            self.settings.lookup_timeout_s,
+        )
+        return response
 
     async def render(
         self,
         request: animate_pb2.RenderRequest,
-        timeout_s: float,
         on_response: Callable[[animate_pb2.RenderResponse], Awaitable[None]] | None = None,
     ) -> tuple[bytes, animate_pb2.RenderResult | None]:
         """An mp4 from Animate's Render: its bytes and its result; each response is
         also handed to `on_response` as it arrives (progress for a client)."""
         mp4 = bytearray()
         result = None
-        async for response in self.animate.stream(self.animate_stub.Render, request, timeout_s):
+        async for response in self.stream(
+            self.stub.Render, request, self.settings.render_timeout_s
+        ):
             which = response.WhichOneof("response")
             if which == "chunk":
                 mp4.extend(response.chunk.content)
@@ -321,6 +373,33 @@ class Stages:
             if on_response is not None:
                 await on_response(response)
         return bytes(mp4), result
+
+
+class Stages:
+    """The four stage clients."""
+
+    def __init__(self, settings: StageSettings) -> None:
+        self.asr = AsrClient(settings.stage_address("asr"), settings)
+        self.chat = ChatClient(settings.stage_address("chat"), settings)
+        self.synthesize = SynthesizeClient(settings.stage_address("synthesize"), settings)
+        self.animate = AnimateClient(settings.stage_address("animate"), settings)
+        self.by_name: dict[str, Stage] = {
+            stage.name: stage for stage in (self.asr, self.chat, self.synthesize, self.animate)
+        }
+        assert tuple(self.by_name) == STAGES
+
+    def start_watching(self, on_change: Callable[[Stage], None]) -> None:
+        for stage in self.by_name.values():
+            stage.on_change = on_change
+            stage.start_watching()
+
+    async def check_ids(self, voice_id: str, avatar_id: str) -> None:
+        """Unknown voices and avatars fail at once with NOT_FOUND (empty ids are not
+        looked up), so a call never fails for them halfway."""
+        if voice_id:
+            await self.synthesize.get_voice(voice_id)
+        if avatar_id:
+            await self.animate.get_avatar(avatar_id)
 
     def down(self) -> list[str]:
         return [name for name, stage in self.by_name.items() if not stage.serving]

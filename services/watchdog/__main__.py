@@ -1,3 +1,0 @@
-from services.watchdog.watchdog import main
-
-main()
