@@ -18,16 +18,6 @@ class AnimateSettings(ServiceSettings):
     model_settings: ClassVar[tuple[str, ...]] = ("wav2lip_checkpoint",)
 
     port: int = Field(default=50054, ge=0, le=65535, description="gRPC port.")
-    cpu_niceness: int = Field(
-        default=3,
-        ge=0,
-        le=19,
-        description="CPU priority (nice value). 3 so that the ASR (0) comes first: a device "
-        "still talking must be heard in real time while another reply is being animated. With "
-        "synthesize and animate at 3 and chat at 8 the three keep the weights they had at "
-        "0/0/5 (each nice step is a factor of 1.25). Measured with `python -m bench asr` "
-        "(lag while a reply renders): end-of-utterance lag max 786 ms at 3, 2815 ms at 0.",
-    )
     metrics_port: int = Field(default=9154, ge=0, le=65535, description="/metrics port; 0 = off.")
     avatars_dir: Path = Field(
         default_factory=lambda: default_var_dir() / "avatars",

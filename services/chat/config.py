@@ -115,14 +115,13 @@ class ChatSettings(ServiceSettings):
         "auto = bfloat16 where the CPU has native bf16, else float32.",
     )
     cpu_niceness: int = Field(
-        default=8,
+        default=5,
         ge=0,
         le=19,
         description="CPU priority (nice value). Once the first sentence is out, chat "
         "writes ahead of what is being spoken, while speech synthesis and animation of "
         "the first sentence are what the listener waits for: on 2 cores chat yields to "
-        "them (8 against their 3: the weights of 5 against 0; ASR, at 0, comes first). "
-        "(An idle host gives chat its full speed whatever the value.)",
+        "them. (An idle host gives chat its full speed whatever the value.)",
     )
     system_prompt: str = Field(
         default=DEFAULT_SYSTEM_PROMPT,
