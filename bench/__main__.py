@@ -10,6 +10,7 @@ from bench import (
     gateway_bench,
     guard_bench,
     jobs_bench,
+    load_bench,
     startup_bench,
     synthesize_bench,
     web_bench,
@@ -26,6 +27,7 @@ BENCHES = {
     "guard": guard_bench.main,
     "startup": startup_bench.main,
     "web": web_bench.main,
+    "load": load_bench.main,
 }
 # Run on request only: comparisons of models and engines (long), not the product's speed.
 EXTRA = {"chat_models": chat_models.main, "chat_engines": chat_engines.main}

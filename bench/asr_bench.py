@@ -2,23 +2,31 @@
 same model and clip (the overhead ratio); then, on a held-out set (Piper and
 espeak-ng English, espeak-ng with noise, the Mandarin voice), whole-clip
 error rates against the final of the same audio streamed in 20 ms chunks at
-real-time pace, and the latency from the end of speech to that final."""
+real-time pace, and the latency from the end of speech to that final; then,
+with every program running under supervisord, how far a live stream falls
+behind real time while the gateway synthesizes and animates a reply, against
+the same streams on an idle host.
+
+BENCH_ASR_PARTS picks parts (comma-separated: clip, streamed, flips, lag; all by default)."""
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
+from bench.system import running_system
 from bench.tables import percentile, print_table
 from services.asr.config import AsrSettings
 from services.asr.engine import WhisperEngine
 from services.asr.server import build_program
-from services.asr.streaming import Result, StreamingRecognizer, StreamOptions
-from talker.v1 import asr_pb2, asr_pb2_grpc, audio_pb2
+from services.asr.streaming import MIN_SPEECH_MS, Result, StreamingRecognizer, StreamOptions
+from talker.v1 import asr_pb2, asr_pb2_grpc, audio_pb2, chat_pb2, talker_pb2, talker_pb2_grpc
 from tests.processes import InProcessServer
 from tests.speech import (
     SENTENCES,
@@ -290,19 +298,197 @@ def language_flips(engine: WhisperEngine) -> None:
         print(f"  {language}: {text!r}")
 
 
+CHUNK_MS = 20
+REPLY_PROMPT = "Tell me about the moon in three sentences."
+
+
+class Renderer:
+    """Keeps the gateway synthesizing and animating replies, back to back (text
+    questions, audio and video replies), and counts the frames it streams."""
+
+    def __init__(self, stub: talker_pb2_grpc.TalkerServiceStub, avatar_id: str) -> None:
+        self.stub = stub
+        self.avatar_id = avatar_id
+        self.frames: list[float] = []  # time.perf_counter() of every video frame
+        self.rendering = threading.Event()
+        self.stopped = threading.Event()
+        self.call = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Renderer:
+        self.thread.start()
+        if not self.rendering.wait(120):
+            raise SystemExit("asr bench: the gateway rendered no reply within 120 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        if self.call is not None:
+            self.call.cancel()
+        self.thread.join(60)
+
+    def _run(self) -> None:
+        request = talker_pb2.AskRequest(
+            text=REPLY_PROMPT,
+            mode=talker_pb2.REPLY_MODE_AUDIO_VIDEO,
+            avatar_id=self.avatar_id,
+            sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=96),
+        )
+        while not self.stopped.is_set():
+            self.call = self.stub.Ask(request, timeout=300)
+            try:
+                for response in self.call:
+                    if response.event.WhichOneof("event") == "video_frame":
+                        self.frames.append(time.perf_counter())
+                        self.rendering.set()
+            except grpc.RpcError as error:
+                if error.code() is not grpc.StatusCode.CANCELLED:
+                    print(f"  (reply failed: {error.code().name}: {error.details()})")
+
+
+def stream_lags(stub: asr_pb2_grpc.AsrServiceStub, audio: np.ndarray, speech_end: float) -> dict:  # type: ignore[type-arg]
+    """One stream at a device's pace, as the gateway opens it (interim and
+    speculative results). For each response: how long after the device sent
+    the audio it speaks for did it arrive (ms). Speech start: the VAD decides
+    MIN_SPEECH_MS after the onset; end of utterance: at its offset; interim
+    and speculative results: at their end (their decode included)."""
+    config = asr_pb2.StreamingRecognitionConfig(
+        format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=RATE
+        ),
+        config=asr_pb2.RecognitionConfig(language="en"),
+        interim_results=True,
+        speculative_results=True,
+    )
+    sent: list[float] = []  # perf_counter() when chunk k (audio up to (k+1) * 20 ms) left
+    step = RATE * CHUNK_MS // 1000
+
+    def requests() -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+        yield asr_pb2.StreamingRecognizeRequest(config=config)
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, len(audio), step)):
+            delay = started + index * CHUNK_MS / 1000 - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            sent.append(time.perf_counter())
+            yield asr_pb2.StreamingRecognizeRequest(audio=to_s16le(audio[start : start + step]))
+
+    def lag_ms(position_ms: int, arrived: float) -> float:
+        chunk = min(len(sent) - 1, max(0, math.ceil(position_ms / CHUNK_MS) - 1))
+        return (arrived - sent[chunk]) * 1000
+
+    lags: dict[str, list[float]] = {"speech start": [], "end of utterance": [], "interim": []}
+    final_ms = float("nan")
+    started_at = time.perf_counter()
+    for response in stub.StreamingRecognize(requests(), timeout=120):
+        arrived = time.perf_counter()
+        if response.WhichOneof("response") == "event":
+            event = response.event
+            if event.type == asr_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED:
+                lags["speech start"].append(lag_ms(event.offset_ms + MIN_SPEECH_MS, arrived))
+            elif event.type == asr_pb2.SPEECH_EVENT_TYPE_END_OF_UTTERANCE:
+                lags["end of utterance"].append(lag_ms(event.offset_ms, arrived))
+        elif response.result.is_final:
+            speech_end_at = sent[min(len(sent) - 1, int(speech_end * 1000 / CHUNK_MS))]
+            final_ms = (arrived - speech_end_at) * 1000
+        else:
+            lags["interim"].append(lag_ms(response.result.end_ms, arrived))
+    return {"lags": lags, "final_ms": final_ms, "span": (started_at, time.perf_counter())}
+
+
+def lag_while_rendering() -> None:
+    """The held-out English clips streamed to the system's ASR, each once on an
+    idle host and once while the gateway renders replies, interleaved."""
+    clips = [c for kind, (_, made) in voice_kinds().items() if "noise" not in kind for c in made]
+    clips = [c for c in clips if c[0] in HELD_OUT_EN]
+    conditions = ("idle", "a reply rendering")
+    lags = {c: {"speech start": [], "end of utterance": [], "interim": []} for c in conditions}
+    finals: dict[str, list[float]] = {c: [] for c in conditions}
+    frames_during: list[float] = []
+    # Archived as sound only: a background mp4 render would run under the idle streams.
+    with running_system({"TALKER_GATEWAY_ARCHIVE_MEDIA": "audio"}) as (system, avatar_id):
+        asr = asr_pb2_grpc.AsrServiceStub(grpc.insecure_channel(system.addresses["asr"]))
+        gateway = talker_pb2_grpc.TalkerServiceStub(
+            grpc.insecure_channel(system.addresses["gateway"])
+        )
+        for index, (_reference, audio, speech_end) in enumerate(clips):
+            for condition in conditions if index % 2 == 0 else conditions[::-1]:
+                if condition == "idle":
+                    time.sleep(1.0)  # the last reply's tail and archive render settle
+                    measured = stream_lags(asr, audio, speech_end)
+                else:
+                    with Renderer(gateway, avatar_id) as renderer:
+                        measured = stream_lags(asr, audio, speech_end)
+                    start, end = measured["span"]
+                    frames = [t for t in renderer.frames if start <= t <= end]
+                    frames_during.append(len(frames) / (end - start))
+                for kind, values in measured["lags"].items():
+                    lags[condition][kind].extend(values)
+                finals[condition].append(measured["final_ms"])
+    rows = []
+    for condition in conditions:
+        row: list[object] = [condition, len(finals[condition])]
+        for kind in ("speech start", "end of utterance", "interim"):
+            values = lags[condition][kind]
+            row += [percentile(values, 50), percentile(values, 95), max(values, default=math.nan)]
+        every = [v for values in lags[condition].values() for v in values]
+        row += [
+            f"{sum(v > CHUNK_MS for v in every)}/{len(every)}",
+            percentile([v for v in finals[condition] if v == v], 50),
+        ]
+        rows.append(row)
+    print_table(
+        "Real-time lag of a live stream while a reply renders: ms from the device sending the "
+        "audio a response speaks for to the response (20 ms chunks at real-time pace, interim "
+        "and speculative results on; held-out Piper and espeak-ng clips, the same clips idle "
+        "and while the gateway synthesizes and animates replies back to back)",
+        [
+            "host",
+            "streams",
+            "speech start p50",
+            "p95",
+            "max",
+            "end of utterance p50",
+            "p95",
+            "max",
+            "interim p50",
+            "p95",
+            "max",
+            f"responses > 1 chunk ({CHUNK_MS} ms) late",
+            "end of speech -> final p50",
+        ],
+        rows,
+    )
+    print(
+        f"video frames/s reaching the renderer's client during the rendering streams: "
+        f"p50 {percentile(frames_during, 50):.1f}, min {min(frames_during, default=0):.1f} "
+        f"(25 = real time); load average {os.getloadavg()[0]:.1f}. Interim lag includes its "
+        "own decode; speech start and end of utterance include none unless a decode was "
+        "running when their audio came (an end of utterance also waits for the final decode "
+        "when no speculative result could serve)."
+    )
+
+
 def main() -> None:
+    parts = set(os.environ.get("BENCH_ASR_PARTS", "clip,streamed,flips,lag").split(","))
     rounds = int(os.environ.get("BENCH_ROUNDS", "7"))
-    settings = AsrSettings(port=0, metrics_port=0)
-    server = InProcessServer(build_program(settings))
-    server.start()
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = asr_pb2_grpc.AsrServiceStub(channel)
-            clip_overhead(server, stub, rounds)
-            streamed_vs_whole(stub, settings)
-            language_flips(server.program.engine)
-    finally:
-        server.stop()
+    if parts & {"clip", "streamed", "flips"}:
+        settings = AsrSettings(port=0, metrics_port=0)
+        server = InProcessServer(build_program(settings))
+        server.start()
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = asr_pb2_grpc.AsrServiceStub(channel)
+                if "clip" in parts:
+                    clip_overhead(server, stub, rounds)
+                if "streamed" in parts:
+                    streamed_vs_whole(stub, settings)
+                if "flips" in parts:
+                    language_flips(server.program.engine)
+        finally:
+            server.stop()
+    if "lag" in parts:
+        lag_while_rendering()
 
 
 if __name__ == "__main__":

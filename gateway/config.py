@@ -27,6 +27,22 @@ class GatewaySettings(StageSettings):
         "away. Hides the end-of-utterance wait from the user at the cost of some "
         "discarded work when people pause mid-sentence.",
     )
+    max_conversations: int = Field(
+        default=2,
+        ge=1,
+        description="Calls that run turns at once: each open Converse for its whole life, "
+        "each Ask while its turn runs. The next one is refused at once with "
+        "RESOURCE_EXHAUSTED and a `retry-after-ms` trailer, so the calls in progress keep "
+        "their latency. Measured with `python -m bench load` on 2 cores: 2 devices kept "
+        "first audio p50/p95 near one device's (1032/1653 ms vs 1182/1470), 4 pushed p95 "
+        "to 4278 ms, 8 took p50 to 7430 ms. On a bigger host, measure and raise it.",
+    )
+    busy_retry_after_s: float = Field(
+        default=5,
+        gt=0,
+        le=3600,
+        description="The wait a refused caller is told to take (trailer `retry-after-ms`).",
+    )
     archive_media: str = Field(
         default="video",
         pattern=r"^(video|audio|record|off)$",

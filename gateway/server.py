@@ -14,6 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from gateway.access import ApiKeyInterceptor, server_credentials
+from gateway.admission import Admission
 from gateway.checks import checked_text, clip_seconds, reply_options
 from gateway.config import GatewaySettings
 from gateway.conversation import Conversation
@@ -45,11 +46,17 @@ class TalkerServicer(JobRpcs, DownloadRpcs, talker_pb2_grpc.TalkerServiceService
         self.settings = settings
         self.stages = stages
         self.runner = TurnRunner(settings, stages, settings.archive_media)
+        self.admission = Admission(settings.max_conversations, settings.busy_retry_after_s)
 
     # ---- Ask ------------------------------------------------------------------
     async def Ask(
         self, request: talker_pb2.AskRequest, context: aio.ServicerContext
     ) -> AsyncIterator[talker_pb2.AskResponse]:
+        with self.admission.slot("ask"):
+            async for response in self._ask(request):
+                yield response
+
+    async def _ask(self, request: talker_pb2.AskRequest) -> AsyncIterator[talker_pb2.AskResponse]:
         trace_id = current_trace_id.get()
         user_id = check_id(request.user_id, "user_id", allow_empty=True)
         scene = check_id(request.scene, "scene", allow_empty=True)
@@ -107,6 +114,14 @@ class TalkerServicer(JobRpcs, DownloadRpcs, talker_pb2_grpc.TalkerServiceService
         self,
         request_iterator: AsyncIterator[talker_pb2.ConverseRequest],
         context: aio.ServicerContext,
+    ) -> AsyncIterator[talker_pb2.ConverseResponse]:
+        # Refused before reading anything: a full gateway answers at once.
+        with self.admission.slot("converse"):
+            async for response in self._converse(request_iterator):
+                yield response
+
+    async def _converse(
+        self, request_iterator: AsyncIterator[talker_pb2.ConverseRequest]
     ) -> AsyncIterator[talker_pb2.ConverseResponse]:
         trace_id = current_trace_id.get()
         try:

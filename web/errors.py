@@ -3,8 +3,12 @@ of each gRPC status code a downstream call can end with."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from aiohttp import web
+
+from services.common.errors import RETRY_AFTER_KEY
 
 # OpenAI's error `type` for each HTTP status we send.
 ERROR_TYPES = {
@@ -27,9 +31,14 @@ ERROR_TYPES = {
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after_s: float | None = None,
 ) -> web.Response:
-    """An error as OpenAI-style JSON: what tools that speak that API already parse."""
+    """An error as OpenAI-style JSON: what tools that speak that API already parse.
+    A retry hint becomes the standard `Retry-After` header (whole seconds)."""
     body = {
         "error": {
             "message": message,
@@ -40,19 +49,26 @@ def error_response(
             "code": code,
         }
     }
-    return web.json_response(body, status=status)
+    headers = {"Retry-After": str(math.ceil(retry_after_s))} if retry_after_s else None
+    return web.json_response(body, status=status, headers=headers)
 
 
 class HttpError(Exception):
     """Raised by handlers: becomes `error_response(status, message, code, param)`."""
 
     def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.param = param
+        self.retry_after_s = retry_after_s
 
 
 # gRPC status -> HTTP status. The sentence the service gave is kept as the message.
@@ -84,4 +100,7 @@ def from_grpc(error: grpc.aio.AioRpcError, what: str) -> HttpError:
     details = error.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and "unavailable" not in details.lower():
         details = f"{what} is unavailable: {details}"
-    return HttpError(status, details, code.name.lower())
+    # The gateway's admission refusal says when to come back (`retry-after-ms` trailer).
+    hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+    retry_after_s = int(hint) / 1000 if hint and str(hint).isdigit() else None
+    return HttpError(status, details, code.name.lower(), retry_after_s=retry_after_s)

@@ -79,7 +79,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except HttpError as error:
-            response = error_response(error.status, str(error), error.code, error.param)
+            response = error_response(
+                error.status, str(error), error.code, error.param, error.retry_after_s
+            )
         except web.HTTPRequestEntityTooLarge:
             limit = request.app[SETTINGS].max_upload_bytes
             response = error_response(
@@ -166,7 +168,9 @@ def auth_middleware(keys: frozenset[str], secure_cookie: bool) -> Any:
         try:
             response = await handler(request)
         except HttpError as error:  # the key was good: keep it even if the page failed
-            response = error_response(error.status, str(error), error.code, error.param)
+            response = error_response(
+                error.status, str(error), error.code, error.param, error.retry_after_s
+            )
         if where == "the key query parameter" and not response.prepared:
             # The browser's later fetches (and the WebRTC offer) carry it without script access.
             response.set_cookie(

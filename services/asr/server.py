@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +101,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         incoming: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(_pump(request_iterator, incoming))
         try:
-            stream = self._open(await incoming.get())
+            stream = self._open(await incoming.get(), incoming.qsize)
             while not stream.recognizer.done:
                 outputs, error = await stream.step(incoming)
                 for response in stream_messages(outputs):
@@ -112,8 +112,10 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             self.live_streams -= 1
             reader.cancel()
 
-    def _open(self, first: Any) -> LiveStream:
-        """A stream's recognizer from its first message (the config)."""
+    def _open(self, first: Any, waiting: Callable[[], int]) -> LiveStream:
+        """A stream's recognizer from its first message (the config); `waiting` tells
+        it how many messages wait behind the one it works on (a stream behind real
+        time puts off its interim decodes)."""
         if first is _END:
             raise InvalidInput("The stream ended before its first message (the config).")
         if isinstance(first, BaseException):
@@ -125,7 +127,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             )
         layout, options = self._stream_options(first.config)
         return LiveStream(
-            StreamingRecognizer(self.engine, options),
+            StreamingRecognizer(self.engine, options, waiting=waiting),
             StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ),
             layout,
             self.settings.max_stream_s,

@@ -21,16 +21,26 @@ flips (an interim once came out in Indonesian). The language is detected once
 per utterance, on the first decode with LANGUAGE_MIN_MS of audio, and held for
 the rest of it; a shorter decode borrows the previous utterance's language or,
 for an interim, is skipped.
+
+Real time: decodes run on the audio path, so while one runs the device's
+chunks wait. A stream that is behind (audio already waiting when a decode
+would start: the caller says so through `waiting`, or more windows of the
+same call remain) skips the optional decodes, interim and speculative, and
+does them once it has caught up, on the newest audio; they are deferred, never
+queued, so a busy host cannot stack them up. Only the final is always decoded.
+An interim decodes at most the last INTERIM_WINDOW_MS of its utterance, so its
+cost stays flat however long the utterance grows; the final decodes it whole.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from services.asr.engine import SAMPLE_RATE_HZ, UtteranceText, VadStream, WhisperEngine
 from services.common.metrics import LATENCY_BUCKETS
@@ -43,11 +53,20 @@ MIN_SPEECH_MS = 96  # a shorter blip (a click, a cough) does not start an uttera
 SPECULATE_AFTER_MS = 64
 LANGUAGE_MIN_MS = 1500  # audio needed before an auto-detected language is trusted and held
 NO_SPEECH_DROP = 0.8  # Whisper's no-speech probability above which a result is empty
+# The shortest encoder window (engine.MIN_WINDOW_FRAMES): a longer interim would pay
+# for a wider one, for text the final will replace anyway.
+INTERIM_WINDOW_MS = 10_000
 
 ENDPOINT_TO_FINAL_SECONDS = Histogram(
     "talker_asr_endpoint_to_final_seconds",
     "From the end-of-utterance decision to the final result being ready.",
     buckets=LATENCY_BUCKETS,
+)
+DEFERRED = Counter(
+    "talker_asr_deferred_decodes_total",
+    "Optional decodes (interim, speculative) put off because the stream was behind "
+    "real time (audio already waiting); done later on the newest audio, or never.",
+    ["kind"],
 )
 
 
@@ -107,6 +126,8 @@ class _Utterance:
     last_speech_end: int = 0  # absolute sample index just past the last speech window
     speech_since_interim_ms: int = 0
     silence_ms: int = 0
+    interim_deferred: bool = False  # an interim fell due while the stream was behind
+    speculation_deferred: bool = False  # so did the speculative decode, at the pause
     speculative: tuple[int, UtteranceText] | None = None  # (last_speech_end it covered, text)
     last_interim: str = ""
     language: str | None = None  # held once detected on enough audio
@@ -124,12 +145,22 @@ class _Utterance:
 
 class StreamingRecognizer:
     """State of one live stream. `accept` and `finish` block while decoding;
-    call them from a worker thread."""
+    call them from a worker thread. `waiting` tells how many of the caller's
+    audio messages are already waiting to be fed (more than 0: behind)."""
 
-    def __init__(self, engine: WhisperEngine, options: StreamOptions) -> None:
+    def __init__(
+        self,
+        engine: WhisperEngine,
+        options: StreamOptions,
+        waiting: Callable[[], int] | None = None,
+    ) -> None:
         assert engine.vad_session is not None
         self.engine = engine
         self.options = options
+        self._waiting = waiting or (lambda: 0)
+        self._windows_left = 0  # whole windows of the current `accept` not yet stepped
+        #: Optional decodes put off because the stream was behind, by kind.
+        self.deferred: dict[str, int] = {"interim": 0, "speculative": 0}
         self._vad = VadStream(engine.vad_session)
         self._pending = np.zeros(0, dtype=np.float32)
         self._samples_seen = 0
@@ -155,6 +186,7 @@ class StreamingRecognizer:
         whole = len(buffered) // WINDOW * WINDOW
         self._pending = buffered[whole:].copy()
         for start in range(0, whole, WINDOW):
+            self._windows_left = (whole - start) // WINDOW - 1
             self._step(buffered[start : start + WINDOW], outputs)
             if self.done:
                 break
@@ -171,6 +203,16 @@ class StreamingRecognizer:
             outputs.append(self._final())
         self.done = True
         return outputs
+
+    @property
+    def behind(self) -> bool:
+        """Audio after this window is already here: an optional decode now would
+        only make the stream fall further behind real time."""
+        return self._windows_left > 0 or self._waiting() > 0
+
+    def _defer(self, kind: str) -> None:
+        self.deferred[kind] += 1
+        DEFERRED.labels(kind).inc()
 
     # ---- per window -----------------------------------------------------------
     def _step(self, window: np.ndarray, outputs: list[StreamOutput]) -> None:
@@ -219,17 +261,35 @@ class StreamingRecognizer:
         # Hysteresis as in Silero's own segmenter: speech continues down to threshold - 0.15.
         if probability >= options.vad_threshold - 0.15:
             utterance.silence_ms = 0
+            utterance.speculation_deferred = False  # the pause is over: nothing to guess
             utterance.last_speech_end = self._samples_seen
             utterance.speech_since_interim_ms += WINDOW_MS
             if (
                 options.interim_results
                 and utterance.speech_since_interim_ms >= options.interim_interval_ms
             ):
-                utterance.speech_since_interim_ms = 0
-                self._interim(utterance, utterance.joined(), "interim", outputs)
+                if self.behind:
+                    if not utterance.interim_deferred:
+                        utterance.interim_deferred = True
+                        self._defer("interim")
+                else:
+                    utterance.speech_since_interim_ms = 0
+                    utterance.interim_deferred = False
+                    recent = utterance.joined()[-INTERIM_WINDOW_MS * SAMPLE_RATE_HZ // 1000 :]
+                    self._interim(utterance, recent, "interim", outputs)
         else:
             utterance.silence_ms += WINDOW_MS
-            if utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS:
+            speculate_now = utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS
+            if speculate_now and self.behind:
+                utterance.speculation_deferred = True
+                self._defer("speculative")
+                speculate_now = False
+            elif utterance.speculation_deferred and not self.behind:
+                # Caught up while the pause lasts: the guess is still worth making, unless
+                # the end of the utterance is decided on this very window (the final decodes).
+                utterance.speculation_deferred = False
+                speculate_now = utterance.silence_ms < options.end_of_utterance_silence_ms
+            if speculate_now:
                 text = self._decode(utterance, utterance.joined(), "speculative")
                 assert text is not None  # only interims are ever skipped
                 utterance.speculative = (utterance.last_speech_end, text)

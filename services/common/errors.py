@@ -23,7 +23,13 @@ class NotFound(TalkerError):
 
 
 class LimitExceeded(TalkerError):
-    """A size, time or queue limit was reached (RESOURCE_EXHAUSTED)."""
+    """A size, time or queue limit was reached (RESOURCE_EXHAUSTED). With
+    `retry_after_s`, the limit is a passing one (the host is busy): the caller
+    gets the wait as `retry-after-ms` trailing metadata."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PreconditionFailed(TalkerError):
@@ -41,6 +47,17 @@ STATUS_OF: dict[type[TalkerError], grpc.StatusCode] = {
     PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     StageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+# Trailing metadata key of a retry hint: whole milliseconds to wait before trying again.
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def retry_trailers(error: BaseException) -> tuple[tuple[str, str], ...]:
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    return ((RETRY_AFTER_KEY, str(round(retry_after_s * 1000))),)
 
 
 def status_code_for(error: TalkerError) -> grpc.StatusCode:

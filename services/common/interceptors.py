@@ -21,7 +21,7 @@ import grpc
 from grpc import aio
 
 from services.common import metrics
-from services.common.errors import InvalidInput, TalkerError, status_code_for
+from services.common.errors import InvalidInput, TalkerError, retry_trailers, status_code_for
 from services.common.tracing import (
     TRACE_METADATA_KEY,
     accept_trace_id,
@@ -135,7 +135,7 @@ class _ObservedCall:
     async def _fail(self, context: aio.ServicerContext, error: BaseException) -> None:
         """Turn an exception from the behaviour into a status; always raises."""
         if isinstance(error, TalkerError):
-            await context.abort(status_code_for(error), str(error))
+            await context.abort(status_code_for(error), str(error), retry_trailers(error))
         trace_id = current_trace_id.get()
         log.error("unexpected error", exc_info=error, extra={"method": self.method})
         await context.abort(
