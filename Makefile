@@ -83,7 +83,7 @@ node_modules/.bin/buf: package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The TypeScript client's packages (tests/node_client_test.py builds and runs it).
+# The TypeScript client's packages (tests/node_client_system_test.py builds and runs it).
 NODE_CLIENT := clients/node
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	@if command -v npm >/dev/null; then \

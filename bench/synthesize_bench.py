@@ -23,7 +23,7 @@ from services.synthesize.voice_matching import VoiceMatcher, cosine
 from talker.v1 import audio_pb2, synthesize_pb2, synthesize_pb2_grpc
 from tests.processes import InProcessServer
 from tests.speech import CHINESE_SENTENCES, SENTENCES, mandarin_speech, piper_speech, to_wav
-from tests.voices_test import REFERENCE_TEXT, create, espeak_reference, speak
+from tests.voices_engine_test import REFERENCE_TEXT, create, espeak_reference, speak
 
 HELD_OUT = "I would like to order a pizza with mushrooms and olives, please."
 TEXTS = [

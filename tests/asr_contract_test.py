@@ -87,7 +87,7 @@ def test_stream_of_20ms_chunks_gives_interims_end_of_utterance_and_final(asr_stu
     )
     audio = to_s16le(np.concatenate(pieces))
     # At a device's pace: audio sent faster than real time is always waiting, and a
-    # stream behind real time skips its interims (tests/asr_realtime_test.py).
+    # stream behind real time skips its interims (tests/asr_realtime_engine_test.py).
     responses = list(
         asr_stub.StreamingRecognize(stream_requests(audio, config, 640, 0.02), timeout=120)
     )

@@ -78,22 +78,44 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
 
 
 # ---- test rings ------------------------------------------------------------------
-# Every test is marked with its ring, from what it stands on: `system` if it
-# needs real programs under supervisord (the `system` fixture, or a file that
-# starts processes itself), `contract` if it starts a servicer in-process and
-# calls it through a real channel, `engine` otherwise. `make test-fast` runs
-# `-m "not system"`; `make test` runs all three.
-SYSTEM_FILES = {"watchdog_test.py", "jobs_queue_test.py", "prometheus_test.py"}
+# Every test is marked with its ring. A test file's name says the heaviest ring
+# of its tests (`*_engine_test.py`, `*_contract_test.py`, `*_system_test.py`):
+# every test of a system file is `system` (real programs under supervisord, or
+# processes it starts itself); in the other files a test that starts a servicer
+# in-process and calls it through a real channel is `contract`, the rest
+# `engine`. A test that needs more than its file's name says fails collection.
+# `make test-fast` runs `-m "not system"`; `make test` runs all three.
+RINGS = ("engine", "contract", "system")
+
+
+def file_ring(path: Path) -> str:
+    for ring in RINGS:
+        if path.name.endswith(f"_{ring}_test.py"):
+            return ring
+    raise pytest.UsageError(
+        f"{path.name}: a test file's name ends with _engine_test.py, _contract_test.py "
+        "or _system_test.py, the heaviest ring of its tests."
+    )
 
 
 def ring_of(item: pytest.Item) -> str:
-    fixtures = set(getattr(item, "fixturenames", ()))
-    name = Path(str(item.fspath)).name
-    if "system" in fixtures or name.endswith("_system_test.py") or name in SYSTEM_FILES:
+    named = file_ring(Path(str(item.fspath)))
+    if named == "system":
         return "system"
-    if "start_in_process" in fixtures or name.endswith("_contract_test.py"):
-        return "contract"
-    return "engine"
+    fixtures = set(getattr(item, "fixturenames", ()))
+    needed = (
+        "system"
+        if "system" in fixtures
+        else "contract"
+        if "start_in_process" in fixtures
+        else "engine"
+    )
+    if RINGS.index(needed) > RINGS.index(named):
+        raise pytest.UsageError(
+            f"{item.nodeid} is a {needed} test in a file named for the {named} ring; "
+            f"move it or rename the file *_{needed}_test.py."
+        )
+    return needed
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.gateway_access_test import self_signed
+from tests.gateway_access_system_test import self_signed
 from tests.processes import free_port
 from web.config import WebSettings
 from web.server import build_app, ssl_context

@@ -4,7 +4,7 @@
 //   java -cp ... com.talker.examples.Ask 127.0.0.1:50050 my-trace "What is the capital of France?"
 //
 // The calls are the README's Java snippet. Built offline against Debian's
-// grpc-java 1.41 and protobuf-java (see ../README.md); tests/java_client_test.py
+// grpc-java 1.41 and protobuf-java (see ../README.md); tests/java_client_system_test.py
 // generates the stubs with buf.gen.local.yaml, compiles this and runs it.
 package com.talker.examples;
 

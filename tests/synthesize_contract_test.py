@@ -41,7 +41,7 @@ def tts(start_in_process, voices_dir: Path):  # type: ignore[no-untyped-def]
     server: InProcessServer = start_in_process(
         build_program,
         # The Mandarin voice switched off: this file covers the Piper voices, and how
-        # Chinese text is refused when no voice speaks it (synthesize_mandarin_test.py
+        # Chinese text is refused when no voice speaks it (synthesize_mandarin_contract_test.py
         # covers the Mandarin voice).
         SynthesizeSettings(
             port=0, metrics_port=0, voices_dir=voices_dir, max_text_chars=400, mandarin_voices=[]
