@@ -26,7 +26,7 @@ import grpc
 from tqdm import tqdm
 
 from operations.programs import PROGRAMS, program_settings
-from pipeline.archive import wav_bytes
+from services.common.audio import wav_bytes
 from talker.v1 import (
     animate_pb2,
     animate_pb2_grpc,

@@ -6,20 +6,19 @@ is written last, so a record always points at a complete output."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-import wave
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from services.common.audio import wav_bytes
 from services.common.cache_files import PARTIAL_MARK, remove_stale_partials
 
 log = logging.getLogger("talker.pipeline.archive")
@@ -127,16 +126,6 @@ class Archive:
                 removed += 1
                 log.info("archive folder past retention deleted", extra={"folder": str(folder)})
         return removed
-
-
-def wav_bytes(pcm_s16le: bytes, sample_rate_hz: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(sample_rate_hz)
-        file.writeframes(pcm_s16le)
-    return buffer.getvalue()
 
 
 Renderer = Callable[[bytes, int], Awaitable[bytes]]

@@ -25,7 +25,6 @@ import json
 import logging
 import time
 import uuid
-import wave
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.web_request import FileField
 
+from services.common.audio import wav_bytes
 from services.common.ids import VALID_ID, new_id
 from services.common.interceptors import MODEL_METADATA_KEY
 from talker.v1 import asr_pb2, audio_pb2, chat_pb2, synthesize_pb2
@@ -395,16 +395,6 @@ async def _stream_pcm(request: web.Request, call: Any, content_type: str) -> web
         return web.Response(body=b"", content_type=content_type)
     await response.write_eof()
     return response
-
-
-def wav_bytes(pcm: bytes, rate_hz: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(rate_hz)
-        file.writeframes(pcm)
-    return buffer.getvalue()
 
 
 def encode_audio(

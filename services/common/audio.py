@@ -4,6 +4,7 @@ checked, mixed to mono float32 and resampled with soxr."""
 from __future__ import annotations
 
 import io
+import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,3 +218,14 @@ def streaming_wav_header(sample_rate_hz: int, channels: int = 1) -> bytes:
         + b"data"
         + (0xFFFFFFFF).to_bytes(4, "little")
     )
+
+
+def wav_bytes(pcm_s16le: bytes, sample_rate_hz: int) -> bytes:
+    """Mono 16-bit PCM as a WAV file's bytes."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(sample_rate_hz)
+        file.writeframes(pcm_s16le)
+    return buffer.getvalue()
