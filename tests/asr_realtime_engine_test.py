@@ -18,28 +18,18 @@ from services.asr.streaming import (
     StreamingRecognizer,
     StreamOptions,
 )
+from tests.asr_engine_test import stream_options
 from tests.speech import SENTENCES, VOICES, silence, word_error_rate
 
 CHUNK = SAMPLE_RATE_HZ * 20 // 1000  # a device's 20 ms chunk
 
 
 def options(**overrides: object) -> StreamOptions:
-    values: dict[str, object] = dict(
-        language="en",
-        initial_prompt="",
-        beam_size=1,
-        interim_results=True,
-        interim_interval_ms=500,
-        end_of_utterance_silence_ms=500,
-        silence_timeout_s=30.0,
-        single_utterance=False,
-        vad_threshold=0.5,
-        max_utterance_s=28.0,
-        speculative_results=True,
-        final_beam_size=5,
+    """The engine tests' stream options, with speculation and a final beam as the gateway asks."""
+    settings: dict[str, object] = dict(
+        silence_timeout_s=30.0, speculative_results=True, final_beam_size=5
     )
-    values.update(overrides)
-    return StreamOptions(**values)  # type: ignore[arg-type]
+    return stream_options(**{**settings, **overrides})
 
 
 @dataclass
