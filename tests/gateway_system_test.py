@@ -264,10 +264,25 @@ def test_a_guess_held_when_the_call_ends_is_taken_back(system, gateway) -> None:
             trace_id in line and f'"{event}"' in line for line in system.log(program).splitlines()
         )
 
+    chat_stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(system.addresses["chat"]))
+
+    def history() -> list[chat_pb2.Turn]:
+        try:
+            request = chat_pb2.GetSessionRequest(session_id=session_id)
+            return list(chat_stub.GetSession(request).session.turns)
+        except grpc.RpcError:  # the guess's call has not made the session yet
+            return []
+
     call = gateway.Converse(requests(), metadata=[("x-trace-id", trace_id)])
     deadline = time.monotonic() + 30
     while not logged("gateway", "speculative reply started"):
         assert time.monotonic() < deadline, "no guess was started at the pause"
+        time.sleep(0.05)
+    # Hang up once the guess's exchange is in the chat history (a guess cancelled
+    # before chat stored anything leaves nothing to take back).
+    deadline = time.monotonic() + 60
+    while len(history()) < 2:
+        assert time.monotonic() < deadline, "the guess never reached the chat history"
         time.sleep(0.05)
     call.cancel()
     hung_up.set()
@@ -275,9 +290,7 @@ def test_a_guess_held_when_the_call_ends_is_taken_back(system, gateway) -> None:
     while not logged("chat", "speculative exchange taken back"):
         assert time.monotonic() < deadline, "the guess was never taken back"
         time.sleep(0.1)
-    chat_stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(system.addresses["chat"]))
-    turns = chat_stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id)).session.turns
-    assert list(turns) == [], turns
+    assert history() == []
 
 
 def test_ask_with_text_streams_audio_and_returns_the_trace_id(system, gateway) -> None:
