@@ -55,10 +55,12 @@ def test_utterance_fast_path_within_15_percent_wer(asr_engine, voice: str) -> No
 
 
 def feed_in_chunks(recognizer: StreamingRecognizer, audio: np.ndarray, chunk_ms: int = 20) -> list:
+    """Chunk after chunk, each once the decodes it asked for are done (a host that keeps up)."""
     step = 16 * chunk_ms
     outputs = []
     for start in range(0, len(audio), step):
         outputs.extend(recognizer.accept(audio[start : start + step]))
+        outputs.extend(recognizer.wait())
     return outputs
 
 
@@ -131,6 +133,7 @@ def test_finish_flushes_speech_in_progress(asr_engine) -> None:
     recognizer = StreamingRecognizer(asr_engine, stream_options(interim_results=False))
     outputs = feed_in_chunks(recognizer, VOICES["piper"](SENTENCES[4]))
     outputs += recognizer.finish()
+    outputs += recognizer.wait()
     finals = [o for o in outputs if isinstance(o, Result) and o.is_final]
     assert len(finals) == 1
     assert word_error_rate([SENTENCES[4]], [finals[0].text]) <= 0.2

@@ -1,11 +1,12 @@
-"""Engine ring: a stream that falls behind real time does not make it worse.
-The optional decodes (interim, speculative) are put off while audio is
-already waiting, and done once, on the newest audio, when the stream has
-caught up; interims decode a bounded window; the final is always decoded."""
+"""Engine ring: the audio path never waits for Whisper. While a decode runs
+(here held on purpose, a fault injected), the VAD keeps taking audio and its
+events come out at once; optional decodes (interim, speculative) do not pile
+up: one waits at most and decodes the newest audio when it starts; the final
+is always decoded; interims decode a bounded window."""
 
 from __future__ import annotations
 
-import itertools
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,12 +15,14 @@ from services.asr.engine import SAMPLE_RATE_HZ
 from services.asr.streaming import (
     INTERIM_WINDOW_MS,
     WINDOW,
+    EndOfUtterance,
     Result,
+    SpeechStarted,
     StreamingRecognizer,
     StreamOptions,
 )
-from tests.asr_engine_test import stream_options
-from tests.speech import SENTENCES, VOICES, silence, word_error_rate
+from tests.asr_engine_test import feed_in_chunks, stream_options
+from tests.speech import SENTENCES, VOICES, silence, speech_end_s, word_error_rate
 
 CHUNK = SAMPLE_RATE_HZ * 20 // 1000  # a device's 20 ms chunk
 
@@ -34,68 +37,89 @@ def options(**overrides: object) -> StreamOptions:
 
 @dataclass
 class Decodes:
-    """The real engine, with every decode it is asked for written down."""
+    """The real engine, with every decode it is asked for written down; while
+    `held` is set, a decode that starts waits for `release` (a slow host)."""
 
     engine: object
     calls: list[tuple[str, int]] = field(default_factory=list)  # (kind, samples decoded)
+    held: bool = False
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.engine, name)
 
     def transcribe_utterance(self, audio, language, prompt, beam_size=0, kind="final"):  # type: ignore[no-untyped-def]
         self.calls.append((kind, len(audio)))
+        self.started.set()
+        if self.held:
+            assert self.release.wait(60)
         return self.engine.transcribe_utterance(audio, language, prompt, beam_size, kind)  # type: ignore[attr-defined]
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.calls]
 
 
-def feed(recognizer: StreamingRecognizer, audio: np.ndarray, fed: list[int]) -> list:  # type: ignore[type-arg]
-    outputs = []
-    for start in range(0, len(audio), CHUNK):
-        fed[0] = start + CHUNK
-        outputs.extend(recognizer.accept(audio[start : start + CHUNK]))
-    return outputs
+def feed(recognizer: StreamingRecognizer, audio: np.ndarray) -> list[list[object]]:
+    """Every chunk as soon as the last was taken; what each `accept` returned."""
+    return [recognizer.accept(audio[s : s + CHUNK]) for s in range(0, len(audio), CHUNK)]
 
 
-def test_a_stream_behind_real_time_skips_interims_and_guesses_but_not_the_final(
-    asr_engine,
-) -> None:
-    decodes = Decodes(asr_engine)
-    # Audio is always waiting: the host never lets this stream catch up.
-    recognizer = StreamingRecognizer(decodes, options(), waiting=lambda: 3)  # type: ignore[arg-type]
-    audio = np.concatenate([silence(0.4), VOICES["piper"](SENTENCES[2]), silence(1.0)])
-    outputs = feed(recognizer, audio, [0])
-    results = [o for o in outputs if isinstance(o, Result)]
-    assert decodes.kinds() == ["final"]
-    # Put off once per utterance, not once per interval: nothing piles up.
-    assert recognizer.deferred == {"interim": 1, "speculative": 1}
+def test_events_come_out_while_a_decode_is_held_and_the_final_follows(asr_engine) -> None:
+    decodes = Decodes(asr_engine, held=True)
+    recognizer = StreamingRecognizer(decodes, options())  # type: ignore[arg-type]
+    lead_in, speech = silence(0.4), VOICES["piper"](SENTENCES[2])
+    returned = feed(recognizer, np.concatenate([lead_in, speech, silence(1.0)]))
+    assert decodes.started.wait(30), "the first interim was asked for"
+    # The whole clip went through the VAD while the first decode could not finish:
+    # speech start and end of utterance were given by the very calls that fed them.
+    started_at = next(
+        i for i, out in enumerate(returned) if any(isinstance(o, SpeechStarted) for o in out)
+    )
+    ended_at = next(
+        i for i, out in enumerate(returned) if any(isinstance(o, EndOfUtterance) for o in out)
+    )
+    assert started_at * CHUNK < len(lead_in) + 0.3 * SAMPLE_RATE_HZ
+    assert ended_at * CHUNK < len(lead_in) + len(speech) + 1.0 * SAMPLE_RATE_HZ
+    assert not any(isinstance(o, Result) for out in returned for o in out)
+    # Nothing piled up behind the held decode: the final only, ahead of anything optional.
+    decodes.held = False
+    decodes.release.set()
+    results = [o for o in recognizer.wait(120) if isinstance(o, Result)]
+    assert decodes.kinds() == ["interim", "final"], decodes.kinds()
+    assert recognizer.deferred["interim"] + recognizer.deferred["speculative"] >= 1
     assert [r.is_final for r in results] == [True]
     assert word_error_rate([SENTENCES[2]], [results[0].text]) <= 0.3
+    assert recognizer.finished is False  # the stream goes on: it was not finished
+    recognizer.finish()
+    assert recognizer.finished
+    recognizer.close()
 
 
-def test_a_stream_that_catches_up_decodes_once_on_the_newest_audio(asr_engine) -> None:
-    decodes = Decodes(asr_engine)
+def test_an_interim_put_off_decodes_the_newest_audio_once(asr_engine) -> None:
+    decodes = Decodes(asr_engine, held=True)
     speech = VOICES["piper"](SENTENCES[2])
     lead_in = silence(0.4)
-    # Behind until 1.8 s of speech have been fed, then keeping up.
-    caught_up_at = len(lead_in) + int(1.8 * SAMPLE_RATE_HZ)
-    fed = [0]
     recognizer = StreamingRecognizer(
         decodes,  # type: ignore[arg-type]
-        options(speculative_results=False),
-        waiting=lambda: 1 if fed[0] < caught_up_at else 0,
+        options(speculative_results=False, interim_interval_ms=300),
     )
-    outputs = feed(recognizer, np.concatenate([lead_in, speech, silence(1.0)]), fed)
-    interims = [(kind, n) for kind, n in decodes.calls if kind == "interim"]
-    assert interims, "a stream that keeps up gets interims"
-    # The first interim decodes everything heard up to the moment it caught up...
-    first = interims[0][1]
-    assert caught_up_at - 0.5 * SAMPLE_RATE_HZ <= first <= caught_up_at + 2 * WINDOW
-    # ...once: the ones put off were not queued up behind it.
-    assert recognizer.deferred["interim"] == 1
-    assert all(b - a >= 0.45 * SAMPLE_RATE_HZ for (_, a), (_, b) in itertools.pairwise(interims))
+    audio = np.concatenate([lead_in, speech, silence(1.0)])
+    # 1.8 s of speech go in while the first interim is held...
+    fed_until = len(lead_in) + int(1.8 * SAMPLE_RATE_HZ)
+    feed(recognizer, audio[:fed_until])
+    assert decodes.started.wait(30)
+    decodes.held = False
+    decodes.release.set()
+    recognizer.wait(60)
+    interims = [n for kind, n in decodes.calls if kind == "interim"]
+    # ...then the one interim that waited decodes everything heard by then, once.
+    assert len(interims) == 2, decodes.calls
+    assert fed_until - 0.35 * SAMPLE_RATE_HZ <= interims[1] <= fed_until + 2 * WINDOW
+    assert recognizer.deferred["interim"] >= 3
+    outputs = feed_in_chunks(recognizer, audio[fed_until:])
     assert [o.is_final for o in outputs if isinstance(o, Result)][-1]
+    recognizer.close()
 
 
 def test_interims_decode_a_bounded_window_and_the_final_the_whole_utterance(
@@ -111,7 +135,7 @@ def test_interims_decode_a_bounded_window_and_the_final_the_whole_utterance(
     # One long utterance: sentences back to back, the short gaps inside it kept.
     speech = np.concatenate([VOICES["piper"](s) for s in SENTENCES])
     assert len(speech) > 1.3 * INTERIM_WINDOW_MS * SAMPLE_RATE_HZ // 1000
-    outputs = feed(recognizer, np.concatenate([silence(0.4), speech, silence(2.0)]), [0])
+    outputs = feed_in_chunks(recognizer, np.concatenate([silence(0.4), speech, silence(2.0)]))
     window = INTERIM_WINDOW_MS * SAMPLE_RATE_HZ // 1000
     interims = [n for kind, n in decodes.calls if kind == "interim"]
     # The final is the last decode of the whole utterance (a guess at its last pause, or
@@ -121,3 +145,33 @@ def test_interims_decode_a_bounded_window_and_the_final_the_whole_utterance(
     assert whole and whole[-1] > window
     final = [o for o in outputs if isinstance(o, Result) and o.is_final]
     assert len(final) == 1 and word_error_rate([" ".join(SENTENCES)], [final[0].text]) <= 0.2
+    recognizer.close()
+
+
+def test_a_guess_being_decoded_at_the_end_of_the_utterance_becomes_its_final(
+    asr_engine,
+) -> None:
+    decodes = Decodes(asr_engine)
+    recognizer = StreamingRecognizer(
+        decodes,  # type: ignore[arg-type]
+        options(interim_results=False, speculative_results=True),
+    )
+    lead_in, speech = silence(0.4), VOICES["piper"](SENTENCES[3])
+    # Cut while the voice still sounds: the pause (and the guess at it) comes below.
+    speech = speech[: int((speech_end_s(speech) - 0.03) * SAMPLE_RATE_HZ)]
+    feed_in_chunks(recognizer, np.concatenate([lead_in, speech]))
+    decodes.calls.clear()
+    decodes.started.clear()
+    decodes.held = True  # the guess at the pause is slow: the end of utterance comes first
+    returned = feed(recognizer, silence(0.2))
+    assert decodes.started.wait(30), "a guess is made at the pause"
+    returned += feed(recognizer, silence(0.8))
+    assert any(isinstance(o, EndOfUtterance) for out in returned for o in out)
+    decodes.held = False
+    decodes.release.set()
+    results = [o for o in recognizer.wait(60) if isinstance(o, Result)]
+    # One decode served both: no second decode of the same audio for the final.
+    assert decodes.kinds() == ["speculative"], decodes.kinds()
+    assert [r.is_final for r in results] == [True]
+    assert word_error_rate([SENTENCES[3]], [results[0].text]) <= 0.3
+    recognizer.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,22 +100,22 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         self.live_streams += 1
         incoming: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(_pump(request_iterator, incoming))
+        stream: LiveStream | None = None
         try:
-            stream = self._open(await incoming.get(), incoming.qsize)
-            while not stream.recognizer.done:
-                outputs, error = await stream.step(incoming)
-                for response in stream_messages(outputs):
+            stream = self._open(await incoming.get())
+            while not stream.recognizer.finished:
+                for response in stream_messages(await stream.step(incoming)):
                     yield response
-                if error is not None:
-                    raise error
+            if stream.failure is not None:
+                raise stream.failure
         finally:
             self.live_streams -= 1
             reader.cancel()
+            if stream is not None:
+                stream.close()
 
-    def _open(self, first: Any, waiting: Callable[[], int]) -> LiveStream:
-        """A stream's recognizer from its first message (the config); `waiting` tells
-        it how many messages wait behind the one it works on (a stream behind real
-        time puts off its interim decodes)."""
+    def _open(self, first: Any) -> LiveStream:
+        """A stream's recognizer from its first message (the config)."""
         if first is _END:
             raise InvalidInput("The stream ended before its first message (the config).")
         if isinstance(first, BaseException):
@@ -126,11 +126,19 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
                 f"{first.WhichOneof('request') or 'nothing'}."
             )
         layout, options = self._stream_options(first.config)
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # called from the stream's decoder thread
+            if not loop.is_closed():  # a decode may end after the server shut down
+                loop.call_soon_threadsafe(ready.set)
+
         return LiveStream(
-            StreamingRecognizer(self.engine, options, waiting=waiting),
+            StreamingRecognizer(self.engine, options, on_ready=wake),
             StreamResampler(layout.sample_rate_hz, SAMPLE_RATE_HZ),
             layout,
             self.settings.max_stream_s,
+            ready,
         )
 
     def _stream_options(
@@ -184,38 +192,53 @@ def check_stream_config(config: asr_pb2.StreamingRecognitionConfig) -> None:
 
 @dataclass
 class LiveStream:
-    """One StreamingRecognize call after its config: audio in, speech events and results out."""
+    """One StreamingRecognize call after its config: audio in, speech events and
+    results out. Audio goes through the VAD on the event loop as it comes (a
+    fraction of a millisecond a chunk); decodes finish on the recognizer's own
+    thread and wake the loop through `ready`."""
 
     recognizer: StreamingRecognizer
     resampler: StreamResampler
     layout: PcmLayout
     max_stream_s: float
+    ready: asyncio.Event
     received: int = 0  # samples at the caller's rate
     chunks: int = 0
+    failure: Exception | None = None  # raised once every result before it is sent
+    _next: asyncio.Future[Any] | None = None
 
-    async def step(
-        self, incoming: asyncio.Queue[Any]
-    ) -> tuple[list[StreamOutput], Exception | None]:
-        """What the next message (or the lack of one) brings, and an error to
-        raise once that is sent."""
-        try:
-            message = await asyncio.wait_for(
-                incoming.get(), timeout=self.recognizer.options.silence_timeout_s
-            )
-        except TimeoutError:
+    async def step(self, incoming: asyncio.Queue[Any]) -> list[StreamOutput]:
+        """What the next message or decode brings."""
+        recognizer = self.recognizer
+        if recognizer.done:
+            await self.ready.wait()
+            self.ready.clear()
+            return recognizer.take()
+        if self._next is None:
+            self._next = asyncio.ensure_future(incoming.get())
+        woken = asyncio.ensure_future(self.ready.wait())
+        finished, _ = await asyncio.wait(
+            {self._next, woken},
+            timeout=recognizer.options.silence_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        woken.cancel()
+        self.ready.clear()
+        if not finished:
             # Nothing at all arrived: a device that stopped sending is a silent one.
-            self.recognizer.done = True
-            return [SilenceTimeout(self.recognizer.audio_ms)], None
+            recognizer.stop()
+            return [*recognizer.take(), SilenceTimeout(recognizer.audio_ms)]
+        if self._next not in finished:
+            return recognizer.take()
+        message, self._next = self._next.result(), None
         if message is _END:
             tail = self.resampler.process(np.zeros(0, np.float32), last=True)
-            return await asyncio.to_thread(_accept_then_finish, self.recognizer, tail), None
+            return [*recognizer.accept(tail), *recognizer.finish()]
         if isinstance(message, BaseException):
             raise message
-        return await self._audio(message)
+        return self._audio(message)
 
-    async def _audio(
-        self, message: asr_pb2.StreamingRecognizeRequest
-    ) -> tuple[list[StreamOutput], Exception | None]:
+    def _audio(self, message: asr_pb2.StreamingRecognizeRequest) -> list[StreamOutput]:
         self.chunks += 1
         which = message.WhichOneof("request")
         if which != "audio":
@@ -226,13 +249,17 @@ class LiveStream:
         samples = decode_pcm(message.audio, self.layout, f"audio chunk {self.chunks}")
         self.received += len(samples)
         if self.received > self.max_stream_s * self.layout.sample_rate_hz:
-            outputs = await asyncio.to_thread(self.recognizer.finish)
-            return outputs, LimitExceeded(
+            self.failure = LimitExceeded(
                 f"The stream reached its limit of {self.max_stream_s:.0f} s of audio; the "
                 "utterance in progress was finalised. Open a new stream to continue."
             )
-        audio16 = self.resampler.process(samples)
-        return await asyncio.to_thread(self.recognizer.accept, audio16), None
+            return self.recognizer.finish()
+        return self.recognizer.accept(self.resampler.process(samples))
+
+    def close(self) -> None:
+        self.recognizer.close()
+        if self._next is not None:
+            self._next.cancel()
 
 
 _END = object()
@@ -249,10 +276,6 @@ async def _pump(request_iterator: AsyncIterator[Any], incoming: asyncio.Queue[An
         raise
     except Exception as error:
         await incoming.put(error)
-
-
-def _accept_then_finish(recognizer: StreamingRecognizer, tail: np.ndarray) -> list[StreamOutput]:
-    return [*recognizer.accept(tail), *recognizer.finish()]
 
 
 def transcript_message(transcript: Transcript) -> asr_pb2.RecognizeResponse:

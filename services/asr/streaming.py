@@ -2,6 +2,22 @@
 results, end-of-utterance and silence-timeout events. Plain Python; the
 servicer feeds it 16 kHz float audio and forwards what it returns.
 
+Real time: the audio path never waits for Whisper. `accept` runs only the
+VAD (well under a millisecond per 32 ms window), so speech-started and
+end-of-utterance events leave as soon as the audio that decides them has
+come, however long a decode takes or however busy the host is. Decodes run
+on the stream's own decoder thread: the final of an utterance always, ahead
+of anything optional; the optional ones (interim, speculative) never queue up
+behind each other: one waits at most, the newest asked for, and it decodes
+the newest audio when it starts. An interim decodes at most the last
+INTERIM_WINDOW_MS of its utterance, so its cost stays flat however long the
+utterance grows; the final decodes the whole of it.
+
+Order: results are given in stream order. An end of utterance is followed
+directly by its final; anything the VAD decides after that (the next
+utterance's start) waits behind the final until it is decoded. An interim or
+guess that is decoded after its utterance's final was asked for is dropped.
+
 Latency design: the moment the VAD first hears silence after speech, the
 utterance is decoded *speculatively*. If the silence lasts until the
 end-of-utterance threshold and no speech came in between, that result is the
@@ -21,19 +37,11 @@ flips (an interim once came out in Indonesian). The language is detected once
 per utterance, on the first decode with LANGUAGE_MIN_MS of audio, and held for
 the rest of it; a shorter decode borrows the previous utterance's language or,
 for an interim, is skipped.
-
-Real time: decodes run on the audio path, so while one runs the device's
-chunks wait. A stream that is behind (audio already waiting when a decode
-would start: the caller says so through `waiting`, or more windows of the
-same call remain) skips the optional decodes, interim and speculative, and
-does them once it has caught up, on the newest audio; they are deferred, never
-queued, so a busy host cannot stack them up. Only the final is always decoded.
-An interim decodes at most the last INTERIM_WINDOW_MS of its utterance, so its
-cost stays flat however long the utterance grows; the final decodes it whole.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,8 +72,8 @@ ENDPOINT_TO_FINAL_SECONDS = Histogram(
 )
 DEFERRED = Counter(
     "talker_asr_deferred_decodes_total",
-    "Optional decodes (interim, speculative) put off because the stream was behind "
-    "real time (audio already waiting); done later on the newest audio, or never.",
+    "Optional decodes (interim, speculative) never made because the stream's decoder "
+    "was busy and a newer one replaced them, or the utterance ended first.",
     ["kind"],
 )
 
@@ -119,6 +127,7 @@ StreamOutput = SpeechStarted | EndOfUtterance | SilenceTimeout | Result
 
 @dataclass
 class _Utterance:
+    index: int
     start_sample: int  # first sample of the audio kept (pre-roll included)
     onset_sample: int  # where the VAD heard speech begin; reported as start_ms
     audio: list[np.ndarray] = field(default_factory=list)
@@ -126,9 +135,10 @@ class _Utterance:
     last_speech_end: int = 0  # absolute sample index just past the last speech window
     speech_since_interim_ms: int = 0
     silence_ms: int = 0
-    interim_deferred: bool = False  # an interim fell due while the stream was behind
-    speculation_deferred: bool = False  # so did the speculative decode, at the pause
+    # Decoder side (under the recognizer's lock):
+    final: _FinalSlot | None = None  # asked for: nothing optional of it is shown any more
     speculative: tuple[int, UtteranceText] | None = None  # (last_speech_end it covered, text)
+    speculating: int | None = None  # last_speech_end of a guess being decoded now
     last_interim: str = ""
     language: str | None = None  # held once detected on enough audio
 
@@ -137,29 +147,48 @@ class _Utterance:
         self.samples += len(window)
 
     def joined(self, end_sample: int | None = None) -> np.ndarray:
-        audio = np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+        pieces = list(self.audio)  # a snapshot: the audio path appends while a decode reads
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         if end_sample is not None:
             audio = audio[: max(0, end_sample - self.start_sample)]
         return audio
 
 
+@dataclass
+class _FinalSlot:
+    """The place of an utterance's final among the outputs, filled once decoded."""
+
+    utterance: _Utterance
+    end_sample: int  # the audio the final covers
+    decided: float  # time.perf_counter() of the end-of-utterance decision
+    result: Result | None = None
+
+
+@dataclass
+class _Job:
+    kind: str  # "interim", "speculative" or "final"
+    utterance: _Utterance
+    speech_end: int = 0  # speculative: the last_speech_end it covers
+
+
 class StreamingRecognizer:
-    """State of one live stream. `accept` and `finish` block while decoding;
-    call them from a worker thread. `waiting` tells how many of the caller's
-    audio messages are already waiting to be fed (more than 0: behind)."""
+    """State of one live stream. `accept` and `finish` run the VAD only and
+    never wait for a decode; what they return is what is ready by then. Results
+    decoded later are taken with `take` (`on_ready` is called, from the decoder
+    thread, whenever there is something to take) or `wait`. `finished`: nothing
+    more will come. `close` stops the decoder thread."""
 
     def __init__(
         self,
         engine: WhisperEngine,
         options: StreamOptions,
-        waiting: Callable[[], int] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         assert engine.vad_session is not None
         self.engine = engine
         self.options = options
-        self._waiting = waiting or (lambda: 0)
-        self._windows_left = 0  # whole windows of the current `accept` not yet stepped
-        #: Optional decodes put off because the stream was behind, by kind.
+        self._on_ready = on_ready or (lambda: None)
+        #: Optional decodes never made (replaced by a newer one, or their utterance ended).
         self.deferred: dict[str, int] = {"interim": 0, "speculative": 0}
         self._vad = VadStream(engine.vad_session)
         self._pending = np.zeros(0, dtype=np.float32)
@@ -169,78 +198,120 @@ class StreamingRecognizer:
         self._utterance: _Utterance | None = None
         self._idle_ms = 0
         self._utterance_index = 0
-        self._finals: list[str] = []
+        self.done = False  # no more audio is taken
+        # Shared with the decoder thread:
+        self._lock = threading.Condition()
+        self._outputs: deque[StreamOutput | _FinalSlot] = deque()
+        self._finals_wanted: deque[_Job] = deque()
+        self._optional: _Job | None = None
+        self._decoding = False
+        self._closed = False
+        self._final_texts: list[str] = []
         self._last_language: str | None = None  # the previous utterance's held language
-        self.done = False
+        self._decoder: threading.Thread | None = None
+        self._failure: BaseException | None = None  # a decode that failed ends the stream
 
     @property
     def audio_ms(self) -> int:
         return self._samples_seen * 1000 // SAMPLE_RATE_HZ
 
+    # ---- the audio path (the caller's thread) ----------------------------------------
     def accept(self, audio: np.ndarray) -> list[StreamOutput]:
-        """Feed 16 kHz mono float samples; returns what happened, in order."""
-        outputs: list[StreamOutput] = []
-        if self.done:
-            return outputs
-        buffered = np.concatenate([self._pending, audio]) if len(self._pending) else audio
-        whole = len(buffered) // WINDOW * WINDOW
-        self._pending = buffered[whole:].copy()
-        for start in range(0, whole, WINDOW):
-            self._windows_left = (whole - start) // WINDOW - 1
-            self._step(buffered[start : start + WINDOW], outputs)
-            if self.done:
-                break
-        return outputs
+        """Feed 16 kHz mono float samples; returns what is ready, in order."""
+        if not self.done:
+            buffered = np.concatenate([self._pending, audio]) if len(self._pending) else audio
+            whole = len(buffered) // WINDOW * WINDOW
+            self._pending = buffered[whole:].copy()
+            for start in range(0, whole, WINDOW):
+                self._step(buffered[start : start + WINDOW])
+                if self.done:
+                    break
+        return self.take()
 
     def finish(self) -> list[StreamOutput]:
         """The client stopped sending: the utterance in progress becomes final."""
-        outputs: list[StreamOutput] = []
-        if self.done:
-            return outputs
-        if self._utterance is not None:
-            self._utterance.last_speech_end = self._samples_seen
-            outputs.append(EndOfUtterance(self.audio_ms))
-            outputs.append(self._final())
-        self.done = True
-        return outputs
+        if not self.done:
+            if self._utterance is not None:
+                self._utterance.last_speech_end = self._samples_seen
+                self._end_utterance(EndOfUtterance(self.audio_ms))
+            self.stop()
+        return self.take()
+
+    def take(self) -> list[StreamOutput]:
+        """The outputs ready now, in stream order (a final still decoding holds back
+        what comes after it)."""
+        ready: list[StreamOutput] = []
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            while self._outputs:
+                head = self._outputs[0]
+                if isinstance(head, _FinalSlot):
+                    if head.result is None:
+                        break
+                    ready.append(head.result)
+                else:
+                    ready.append(head)
+                self._outputs.popleft()
+        return ready
+
+    def wait(self, timeout: float | None = None) -> list[StreamOutput]:
+        """Waits until the decoder has nothing to do, then takes what is ready."""
+        with self._lock:
+            self._lock.wait_for(
+                lambda: not (self._decoding or self._finals_wanted or self._optional), timeout
+            )
+        return self.take()
 
     @property
-    def behind(self) -> bool:
-        """Audio after this window is already here: an optional decode now would
-        only make the stream fall further behind real time."""
-        return self._windows_left > 0 or self._waiting() > 0
+    def finished(self) -> bool:
+        """No more audio is taken and every output has been taken."""
+        with self._lock:
+            return self.done and not self._outputs and not self._finals_wanted
 
-    def _defer(self, kind: str) -> None:
-        self.deferred[kind] += 1
-        DEFERRED.labels(kind).inc()
+    def stop(self) -> None:
+        """No more audio is taken; an optional decode not yet started is dropped."""
+        with self._lock:
+            self.done = True
+            if self._optional is not None:
+                self._drop_optional()
+            self._lock.notify_all()
 
-    # ---- per window -----------------------------------------------------------
-    def _step(self, window: np.ndarray, outputs: list[StreamOutput]) -> None:
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def _emit(self, output: StreamOutput | _FinalSlot) -> None:
+        with self._lock:
+            self._outputs.append(output)
+
+    def _step(self, window: np.ndarray) -> None:
         probability = self._vad.speech_probability(window)
         self._samples_seen += len(window)
         if self._utterance is None:
-            self._idle_step(window, probability, outputs)
+            self._idle_step(window, probability)
         else:
-            self._speech_step(window, probability, outputs)
+            self._speech_step(window, probability)
 
-    def _idle_step(
-        self, window: np.ndarray, probability: float, outputs: list[StreamOutput]
-    ) -> None:
+    def _idle_step(self, window: np.ndarray, probability: float) -> None:
         if probability >= self.options.vad_threshold:
             self._speech_run.append(window)
             if len(self._speech_run) * WINDOW_MS >= MIN_SPEECH_MS:
                 audio = [*self._preroll, *self._speech_run]
                 start = self._samples_seen - sum(len(a) for a in audio)
                 onset = self._samples_seen - len(self._speech_run) * WINDOW
-                self._utterance = _Utterance(start_sample=start, onset_sample=onset)
+                utterance = _Utterance(self._utterance_index, start, onset)
+                self._utterance_index += 1
                 for piece in audio:
-                    self._utterance.append(piece)
-                self._utterance.last_speech_end = self._samples_seen
-                self._utterance.speech_since_interim_ms = len(self._speech_run) * WINDOW_MS
+                    utterance.append(piece)
+                utterance.last_speech_end = self._samples_seen
+                utterance.speech_since_interim_ms = len(self._speech_run) * WINDOW_MS
+                self._utterance = utterance
                 self._preroll.clear()
                 self._speech_run = []
                 self._idle_ms = 0
-                outputs.append(SpeechStarted(onset * 1000 // SAMPLE_RATE_HZ))
+                self._emit(SpeechStarted(onset * 1000 // SAMPLE_RATE_HZ))
             return
         for earlier in self._speech_run:
             self._preroll.append(earlier)
@@ -248,78 +319,187 @@ class StreamingRecognizer:
         self._preroll.append(window)
         self._idle_ms += WINDOW_MS
         if self._idle_ms >= self.options.silence_timeout_s * 1000:
-            outputs.append(SilenceTimeout(self.audio_ms))
-            self.done = True
+            self._emit(SilenceTimeout(self.audio_ms))
+            self.stop()
 
-    def _speech_step(
-        self, window: np.ndarray, probability: float, outputs: list[StreamOutput]
-    ) -> None:
+    def _speech_step(self, window: np.ndarray, probability: float) -> None:
         utterance = self._utterance
         assert utterance is not None
         utterance.append(window)
         options = self.options
         # Hysteresis as in Silero's own segmenter: speech continues down to threshold - 0.15.
         if probability >= options.vad_threshold - 0.15:
+            if utterance.silence_ms:
+                self._pause_over()
             utterance.silence_ms = 0
-            utterance.speculation_deferred = False  # the pause is over: nothing to guess
             utterance.last_speech_end = self._samples_seen
             utterance.speech_since_interim_ms += WINDOW_MS
             if (
                 options.interim_results
                 and utterance.speech_since_interim_ms >= options.interim_interval_ms
             ):
-                if self.behind:
-                    if not utterance.interim_deferred:
-                        utterance.interim_deferred = True
-                        self._defer("interim")
-                else:
-                    utterance.speech_since_interim_ms = 0
-                    utterance.interim_deferred = False
-                    recent = utterance.joined()[-INTERIM_WINDOW_MS * SAMPLE_RATE_HZ // 1000 :]
-                    self._interim(utterance, recent, "interim", outputs)
+                utterance.speech_since_interim_ms = 0
+                self._want(_Job("interim", utterance))
         else:
             utterance.silence_ms += WINDOW_MS
-            speculate_now = utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS
-            if speculate_now and self.behind:
-                utterance.speculation_deferred = True
-                self._defer("speculative")
-                speculate_now = False
-            elif utterance.speculation_deferred and not self.behind:
-                # Caught up while the pause lasts: the guess is still worth making, unless
-                # the end of the utterance is decided on this very window (the final decodes).
-                utterance.speculation_deferred = False
-                speculate_now = utterance.silence_ms < options.end_of_utterance_silence_ms
-            if speculate_now:
-                text = self._decode(utterance, utterance.joined(), "speculative")
-                assert text is not None  # only interims are ever skipped
-                utterance.speculative = (utterance.last_speech_end, text)
-                # A guess on a short fragment (the VAD dipped inside a word) may be in
-                # a language detected on too little audio: shown as an interim only once
-                # the language is known. A caller that asked for guesses gets it anyway,
-                # since the final would say the same.
-                known = options.language or utterance.language or self._last_language
-                if options.speculative_results or (options.interim_results and known):
-                    self._emit_interim(utterance, text, outputs, speculative=True)
+            if utterance.silence_ms == SPECULATE_AFTER_MS // WINDOW_MS * WINDOW_MS:
+                self._want(_Job("speculative", utterance, utterance.last_speech_end))
             if utterance.silence_ms >= options.end_of_utterance_silence_ms:
-                decided = time.perf_counter()
-                outputs.append(EndOfUtterance(self.audio_ms))
-                outputs.append(self._final())
-                ENDPOINT_TO_FINAL_SECONDS.observe(time.perf_counter() - decided)
+                self._end_utterance(EndOfUtterance(self.audio_ms))
                 return
         if utterance.samples >= options.max_utterance_s * SAMPLE_RATE_HZ:
             # Whisper sees 30 s at most: finalise here and carry straight on.
             utterance.last_speech_end = self._samples_seen
-            outputs.append(self._final())
+            self._end_utterance(None)
             if not self.done:
                 self._utterance = _Utterance(
-                    start_sample=self._samples_seen,
-                    onset_sample=self._samples_seen,
+                    self._utterance_index,
+                    self._samples_seen,
+                    self._samples_seen,
                     last_speech_end=self._samples_seen,
                 )
+                self._utterance_index += 1
 
-    # ---- results ------------------------------------------------------------
+    def _end_utterance(self, event: EndOfUtterance | None) -> None:
+        """The event, then the utterance's final in its place: from the guess that
+        covers it, from the guess being decoded now, or from a decode of its own."""
+        utterance = self._utterance
+        assert utterance is not None
+        end = min(
+            utterance.start_sample + utterance.samples,
+            utterance.last_speech_end + TAIL_MS * SAMPLE_RATE_HZ // 1000,
+        )
+        slot = _FinalSlot(utterance, end, time.perf_counter())
+        with self._lock:
+            if event is not None:
+                self._outputs.append(event)
+            self._outputs.append(slot)
+            utterance.final = slot
+            if self._optional is not None and self._optional.utterance is utterance:
+                self._drop_optional()
+            guess = utterance.speculative
+            if guess is not None and guess[0] == utterance.last_speech_end:
+                self._fill_final(slot, guess[1])
+            elif utterance.speculating != utterance.last_speech_end:
+                self._finals_wanted.append(_Job("final", utterance))
+                self._start_decoder()
+            # else: the guess being decoded covers it and fills the slot when done.
+            self._lock.notify_all()
+        self._utterance = None
+        self._idle_ms = 0
+        if self.options.single_utterance:
+            self.stop()
+
+    def _want(self, job: _Job) -> None:
+        """An optional decode: it replaces the one waiting, if any."""
+        with self._lock:
+            if self._optional is not None:
+                if self._optional.kind == "speculative" and job.kind == "interim":
+                    return  # the guess is worth more than an interim of the same audio
+                self._drop_optional()
+            self._optional = job
+            self._start_decoder()
+            self._lock.notify_all()
+
+    def _pause_over(self) -> None:
+        """Speech again: a guess at the pause that has not started is not worth making."""
+        with self._lock:
+            waiting = self._optional
+            if waiting is not None and waiting.kind == "speculative":
+                self._drop_optional()
+
+    def _drop_optional(self) -> None:
+        assert self._optional is not None
+        kind = self._optional.kind
+        self.deferred[kind] += 1
+        DEFERRED.labels(kind).inc()
+        self._optional = None
+
+    def _start_decoder(self) -> None:
+        if self._decoder is None:
+            self._decoder = threading.Thread(
+                target=self._decode_loop, name="asr-stream-decoder", daemon=True
+            )
+            self._decoder.start()
+
+    # ---- the decoder thread -------------------------------------------------------------
+    def _decode_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(
+                    lambda: (
+                        self._closed
+                        or self.done
+                        or bool(self._finals_wanted)
+                        or self._optional is not None
+                    )
+                )
+                if self._closed or not (self._finals_wanted or self._optional):
+                    return  # closed, or the stream is over and nothing is left to decode
+                optional, self._optional = self._optional, None
+                if self._finals_wanted:
+                    job = self._finals_wanted.popleft()
+                    self._optional = optional  # still wanted, after the final
+                else:
+                    assert optional is not None
+                    job = optional
+                self._decoding = True
+                if job.kind == "speculative":
+                    job.utterance.speculating = job.speech_end
+            try:
+                self._run(job)
+            except Exception as error:  # the caller hears of it at its next take()
+                with self._lock:
+                    self._failure = error
+                    self._closed = True
+            finally:
+                with self._lock:
+                    self._decoding = False
+                    job.utterance.speculating = None
+                    self._lock.notify_all()
+            self._on_ready()
+
+    def _run(self, job: _Job) -> None:
+        utterance = job.utterance
+        if job.kind == "final":
+            assert utterance.final is not None
+            decoded = self._decode(utterance, utterance.joined(utterance.final.end_sample), "final")
+            assert decoded is not None  # only interims are ever skipped
+            with self._lock:
+                self._fill_final(utterance.final, decoded)
+        elif job.kind == "speculative":
+            audio = utterance.joined()
+            decoded = self._decode(utterance, audio, "speculative")
+            assert decoded is not None
+            with self._lock:
+                utterance.speculative = (job.speech_end, decoded)
+                slot = utterance.final
+                if slot is not None:
+                    if slot.result is None and utterance.last_speech_end == job.speech_end:
+                        self._fill_final(slot, decoded)
+                    return
+                if utterance.last_speech_end != job.speech_end:
+                    return  # speech went on while it decoded: the guess is stale
+                # A guess on a short fragment (the VAD dipped inside a word) may be in a
+                # language detected on too little audio: shown as an interim only once the
+                # language is known. A caller that asked for guesses gets it anyway, since
+                # the final would say the same.
+                options = self.options
+                known = options.language or utterance.language or self._last_language
+                if options.speculative_results or (options.interim_results and known):
+                    self._emit_interim(utterance, decoded, len(audio), speculative=True)
+        else:
+            audio = utterance.joined()
+            recent = audio[-INTERIM_WINDOW_MS * SAMPLE_RATE_HZ // 1000 :]
+            decoded = self._decode(utterance, recent, "interim")
+            if decoded is not None:
+                with self._lock:
+                    if utterance.final is None:
+                        self._emit_interim(utterance, decoded, len(audio))
+
     def _prompt(self) -> str:
-        context = " ".join([self.options.initial_prompt, *self._finals[-3:]]).strip()
+        with self._lock:
+            context = " ".join([self.options.initial_prompt, *self._final_texts[-3:]]).strip()
         return context[-600:]
 
     def _decode(self, utterance: _Utterance, audio: np.ndarray, kind: str) -> UtteranceText | None:
@@ -327,33 +507,30 @@ class StreamingRecognizer:
         None: an interim too short to be sure of an undetected language."""
         options = self.options
         beam = options.beam_size if kind == "interim" else options.final_beam_size
-        language = options.language or utterance.language
+        with self._lock:
+            language = options.language or utterance.language
+            last_language = self._last_language
         enough = len(audio) >= LANGUAGE_MIN_MS * SAMPLE_RATE_HZ // 1000
         if language is None and not enough:
-            if self._last_language is None and kind == "interim":
+            if last_language is None and kind == "interim":
                 return None
-            language = self._last_language
+            language = last_language
         decoded = self.engine.transcribe_utterance(
             audio, language, self._prompt(), beam or options.beam_size, kind=kind
         )
-        if options.language is None and utterance.language is None and enough:
-            utterance.language = decoded.language
+        with self._lock:
+            if options.language is None and utterance.language is None and enough:
+                utterance.language = decoded.language
         return decoded
-
-    def _interim(
-        self, utterance: _Utterance, audio: np.ndarray, kind: str, outputs: list[StreamOutput]
-    ) -> None:
-        decoded = self._decode(utterance, audio, kind)
-        if decoded is not None:
-            self._emit_interim(utterance, decoded, outputs)
 
     def _emit_interim(
         self,
         utterance: _Utterance,
         decoded: UtteranceText,
-        outputs: list[StreamOutput],
+        samples: int,
         speculative: bool = False,
     ) -> None:
+        """Under the lock. `samples`: how much of the utterance the decode heard."""
         text = clean_text(decoded)
         # A speculative result is sent even when it repeats the last interim: it
         # is the caller's signal that the final will say this, if the pause lasts.
@@ -361,55 +538,39 @@ class StreamingRecognizer:
             return
         stability = prefix_agreement(utterance.last_interim, text)
         utterance.last_interim = text
-        outputs.append(
+        self._outputs.append(
             Result(
                 text=text,
                 is_final=False,
                 language=decoded.language,
                 start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
-                end_ms=self.audio_ms,
-                utterance_index=self._utterance_index,
+                end_ms=(utterance.start_sample + samples) * 1000 // SAMPLE_RATE_HZ,
+                utterance_index=utterance.index,
                 stability=stability,
                 no_speech_probability=decoded.no_speech_probability,
                 speculative=speculative,
             )
         )
 
-    def _final(self) -> Result:
-        utterance = self._utterance
-        assert utterance is not None
-        speculative = utterance.speculative
-        if speculative is not None and speculative[0] == utterance.last_speech_end:
-            decoded = speculative[1]
-        else:
-            end = min(
-                utterance.start_sample + utterance.samples,
-                utterance.last_speech_end + TAIL_MS * SAMPLE_RATE_HZ // 1000,
-            )
-            final = self._decode(utterance, utterance.joined(end), "final")
-            assert final is not None  # only interims are ever skipped
-            decoded = final
+    def _fill_final(self, slot: _FinalSlot, decoded: UtteranceText) -> None:
+        """Under the lock."""
+        utterance = slot.utterance
         text = clean_text(decoded)
-        result = Result(
+        slot.result = Result(
             text=text,
             is_final=True,
             language=decoded.language,
             start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
             end_ms=utterance.last_speech_end * 1000 // SAMPLE_RATE_HZ,
-            utterance_index=self._utterance_index,
+            utterance_index=utterance.index,
             stability=1.0,
             no_speech_probability=decoded.no_speech_probability,
         )
         if text:
-            self._finals.append(text)
+            self._final_texts.append(text)
             if self.options.language is None:
                 self._last_language = utterance.language or decoded.language
-        self._utterance_index += 1
-        self._utterance = None
-        self._idle_ms = 0
-        if self.options.single_utterance:
-            self.done = True
-        return result
+        ENDPOINT_TO_FINAL_SECONDS.observe(time.perf_counter() - slot.decided)
 
 
 def clean_text(decoded: UtteranceText) -> str:
