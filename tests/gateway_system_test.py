@@ -205,19 +205,21 @@ def test_talking_over_the_reply_cuts_it(system, gateway) -> None:
 
 
 def test_a_wrong_guess_at_a_pause_is_dropped_without_a_trace(system, gateway) -> None:
-    # A pause mid-question, longer than the speculation point (64 ms) but shorter
-    # than the end of the utterance (500 ms): the reply started on the first half
-    # must vanish, and only the whole question be answered and remembered.
+    # A pause mid-question, longer than the speculation point (64 ms) and the guess's
+    # decode but shorter than the end of the utterance (1.5 s here): the reply started
+    # on the first half must vanish, and only the whole question be answered and
+    # remembered. (A guess still decoding when speech resumes is never sent at all.)
     config = talker_pb2.ConverseConfig(
         user_id="device-3",
         mode=talker_pb2.REPLY_MODE_TEXT,
         sampling=chat_pb2.SamplingParams(greedy=True, max_new_tokens=24),
+        end_of_utterance_silence_ms=1500,
     )
     steps = [
         speech(piper_speech("Please tell me")),
-        pause(silence(0.3)),
+        pause(silence(1.0)),
         speech(piper_speech("the capital of France.")),
-        pause(silence(1.5)),
+        pause(silence(2.5)),
     ]
     session = converse(gateway, config, steps, trace_id="test-guess")
     assert session.error is None, session.error
