@@ -109,12 +109,23 @@ class LlamaCppEngine:
         )
         self.add_bos = bool(vocab.add_bos_token())
         model_loaded = time.perf_counter()
-        for system_prompt in self.settings.system_prompts:
-            opening = self._opening(system_prompt)
-            if opening is not None:
-                self.openings.append(opening)
-        openings_read = time.perf_counter()
-        self._warm_up()
+        # What loading evaluates (the openings when not kept, the warm-up) runs on
+        # one thread. llama.cpp's threads spin-wait for each other at every step of
+        # a graph, so on a busy host 2 threads crawl whenever one of them is
+        # descheduled; a restart usually meets a busy host. Measured on the 2-core
+        # AMD EPYC at load average 10-15: the warm-up took 7.5-13 s on 2 threads
+        # and 0.2-0.5 s on 1 (`python -m bench chaos`: 6.8-10.6 s of chat's 8-16 s
+        # restarts was the warm-up). Generation afterwards uses the configured threads.
+        self.llm._ctx.set_n_threads(1, 1)
+        try:
+            for system_prompt in self.settings.system_prompts:
+                opening = self._opening(system_prompt)
+                if opening is not None:
+                    self.openings.append(opening)
+            openings_read = time.perf_counter()
+            self._warm_up()
+        finally:
+            self.llm._ctx.set_n_threads(self.settings.decode_threads, self.settings.threads)
         finished = time.perf_counter()
         log.info(
             "chat model loaded",
