@@ -122,6 +122,31 @@ def test_chinese_question_answered_in_chinese(chat_model: ChatEngine) -> None:
     assert not any("a" <= ch.lower() <= "z" for ch in text), text
 
 
+def test_loading_reads_on_one_thread_and_generation_uses_the_configured_threads() -> None:
+    """Loading evaluates on one llama.cpp thread (2 spin-waiting threads crawl on a
+    busy host, and a restart usually meets one); replies then use the settings'."""
+    import llama_cpp
+
+    from services.chat.llamacpp import LlamaCppEngine
+
+    model = build_engine(ChatSettings(decode_threads=1, threads=2))
+    assert isinstance(model, LlamaCppEngine)
+    seen: list[tuple[int, int]] = []
+    warm_up = model._warm_up
+
+    def observed_warm_up() -> None:
+        ctx = model.llm._ctx.ctx
+        seen.append((llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)))
+        warm_up()
+
+    model._warm_up = observed_warm_up  # type: ignore[method-assign]
+    model.load()
+    ctx = model.llm._ctx.ctx
+    assert seen == [(1, 1)]
+    assert (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (1, 2)
+    assert "paris" in reply(model, "What is the capital of France?")[0].lower()
+
+
 def test_stop_flag_ends_generation_within_one_token(chat_model: ChatEngine) -> None:
     prompt = chat_model.prompt([{"role": "user", "content": "Write a long story about a dragon."}])
     stop = threading.Event()

@@ -108,17 +108,35 @@ class LlamaCppEngine:
             bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "",
         )
         self.add_bos = bool(vocab.add_bos_token())
-        for system_prompt in self.settings.system_prompts:
-            opening = self._opening(system_prompt)
-            if opening is not None:
-                self.openings.append(opening)
-        self._warm_up()
+        model_loaded = time.perf_counter()
+        # What loading evaluates (the openings when not kept, the warm-up) runs on
+        # one thread. llama.cpp's threads spin-wait for each other at every step of
+        # a graph, so on a busy host 2 threads crawl whenever one of them is
+        # descheduled; a restart usually meets a busy host. Measured on the 2-core
+        # AMD EPYC at load average 10-15: the warm-up took 7.5-13 s on 2 threads
+        # and 0.2-0.5 s on 1 (`python -m bench chaos`: 6.8-10.6 s of chat's 8-16 s
+        # restarts was the warm-up). Generation afterwards uses the configured threads.
+        self.llm._ctx.set_n_threads(1, 1)
+        try:
+            for system_prompt in self.settings.system_prompts:
+                opening = self._opening(system_prompt)
+                if opening is not None:
+                    self.openings.append(opening)
+            openings_read = time.perf_counter()
+            self._warm_up()
+        finally:
+            self.llm._ctx.set_n_threads(self.settings.decode_threads, self.settings.threads)
+        finished = time.perf_counter()
         log.info(
             "chat model loaded",
             extra={
                 "model": self.model_id,
                 "backend": self.backend,
-                "seconds": round(time.perf_counter() - started, 2),
+                "seconds": round(finished - started, 2),
+                # The parts, for `python -m bench chaos` (where a restart's time goes).
+                "model_s": round(model_loaded - started, 3),
+                "openings_s": round(openings_read - model_loaded, 3),
+                "warm_up_s": round(finished - openings_read, 3),
                 "opening_tokens": [len(ids) for ids, _ in self.openings],
             },
         )
