@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -80,6 +80,29 @@ class AsrSettings(ServiceSettings):
     vad_threshold: float = Field(
         default=0.5, gt=0, lt=1, description="Silero speech probability that starts speech."
     )
+    auto_languages: str = Field(
+        default="en,zh",
+        description="With language `auto`, the languages detection may choose among "
+        "(comma-separated ISO 639-1 codes; empty: any Whisper knows). talker converses in "
+        "English and Chinese: left free, Whisper base heard 2 of 48 held-out espeak-ng "
+        "English utterances as Latin and Latvian (python -m bench asr, flips).",
+    )
+
+    @field_validator("auto_languages")
+    @classmethod
+    def _known_codes(cls, value: str) -> str:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        codes = [c.strip().lower() for c in value.split(",") if c.strip()]
+        unknown = [c for c in codes if c not in _LANGUAGE_CODES]
+        if unknown:
+            raise ValueError(f"unknown language codes {unknown}; use ISO 639-1 codes Whisper knows")
+        return ",".join(codes)
+
+    @property
+    def auto_language_set(self) -> frozenset[str]:
+        return frozenset(c for c in self.auto_languages.split(",") if c)
+
     max_utterance_s: float = Field(
         default=28.0,
         ge=5,

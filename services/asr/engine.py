@@ -207,6 +207,15 @@ class WhisperEngine:
             )
         return code
 
+    def pick_language(self, ranked: list[tuple[str, float]]) -> tuple[str, float]:
+        """The likeliest of Whisper's ranked (language, probability) pairs among the
+        languages auto-detection may choose (settings.auto_languages)."""
+        allowed = self.settings.auto_language_set
+        for code, probability in ranked:
+            if not allowed or code in allowed:
+                return code, probability
+        return ranked[0]
+
     # ---- decoding -----------------------------------------------------------
     def transcribe_clip(
         self,
@@ -219,15 +228,21 @@ class WhisperEngine:
         assert self.model is not None
         with self._decode_slots:
             started = time.perf_counter()
-            segments_iter, info = self.model.transcribe(
-                audio,
-                language=language,
+            options = dict(
                 beam_size=beam_size or self.settings.clip_beam_size,
                 initial_prompt=initial_prompt or None,
                 word_timestamps=word_timestamps,
                 vad_filter=True,
                 condition_on_previous_text=True,
             )
+            segments_iter, info = self.model.transcribe(audio, language=language, **options)
+            language_probability = float(info.language_probability)
+            if language is None and info.all_language_probs:
+                # Detection ran before any decoding (the segments are lazy): a language
+                # outside the allowed ones costs one more encode, nothing else.
+                picked, language_probability = self.pick_language(info.all_language_probs)
+                if picked != info.language:
+                    segments_iter, info = self.model.transcribe(audio, language=picked, **options)
             segments = [
                 SegmentText(
                     text=s.text.strip(),
@@ -246,7 +261,7 @@ class WhisperEngine:
         return Transcript(
             text=join_texts(s.text for s in segments),
             language=info.language,
-            language_probability=float(info.language_probability),
+            language_probability=language_probability,
             segments=segments,
             audio_duration_s=float(info.duration),
             speech_duration_s=float(info.duration_after_vad),
@@ -289,8 +304,9 @@ class WhisperEngine:
         if language is None:
             if self.is_multilingual:
                 ranked = self.model.model.detect_language(encoded)[0]
-                token, language_probability = ranked[0]
-                language = token[2:-2]
+                language, language_probability = self.pick_language(
+                    [(token[2:-2], probability) for token, probability in ranked]
+                )
             else:
                 language = "en"
         tokenizer = Tokenizer(
