@@ -259,7 +259,10 @@ class StreamingRecognizer:
         """Waits until the decoder has nothing to do, then takes what is ready."""
         with self._lock:
             self._lock.wait_for(
-                lambda: not (self._decoding or self._finals_wanted or self._optional), timeout
+                lambda: (
+                    self._closed or not (self._decoding or self._finals_wanted or self._optional)
+                ),
+                timeout,
             )
         return self.take()
 
