@@ -13,10 +13,12 @@ the newest audio when it starts. An interim decodes at most the last
 INTERIM_WINDOW_MS of its utterance, so its cost stays flat however long the
 utterance grows; the final decodes the whole of it.
 
-Order: results are given in stream order. An end of utterance is followed
-directly by its final; anything the VAD decides after that (the next
-utterance's start) waits behind the final until it is decoded. An interim or
-guess that is decoded after its utterance's final was asked for is dropped.
+Order: results are given in stream order. An end of utterance is followed by
+its final; anything the VAD decides after that (the next utterance's start)
+waits behind the final until it is decoded. An interim that was decoding when
+its utterance ended comes between the two (on a busy host it can be the only
+interim a short utterance gets, and the final waited for it anyway); a guess
+decoded after the end was decided is not shown: it fills the final instead.
 
 Latency design: the moment the VAD first hears silence after speech, the
 utterance is decoded *speculatively*. If the silence lasts until the
@@ -125,7 +127,7 @@ class Result:
 StreamOutput = SpeechStarted | EndOfUtterance | SilenceTimeout | Result
 
 
-@dataclass
+@dataclass(eq=False)
 class _Utterance:
     index: int
     start_sample: int  # first sample of the audio kept (pre-roll included)
@@ -154,7 +156,7 @@ class _Utterance:
         return audio
 
 
-@dataclass
+@dataclass(eq=False)  # found in the outputs by identity
 class _FinalSlot:
     """The place of an utterance's final among the outputs, filled once decoded."""
 
@@ -340,6 +342,7 @@ class StreamingRecognizer:
             if (
                 options.interim_results
                 and utterance.speech_since_interim_ms >= options.interim_interval_ms
+                and self._language_known_by(utterance)
             ):
                 utterance.speech_since_interim_ms = 0
                 self._want(_Job("interim", utterance))
@@ -362,6 +365,18 @@ class StreamingRecognizer:
                     last_speech_end=self._samples_seen,
                 )
                 self._utterance_index += 1
+
+    def _language_known_by(self, utterance: _Utterance) -> bool:
+        """An interim falls due only once it can say which language it is in: a
+        language asked for, the last utterance's, or LANGUAGE_MIN_MS of audio to
+        detect it on (so a short question's one interim comes as soon as it can,
+        not at the next interval)."""
+        if self.options.language is not None:
+            return True
+        if utterance.samples >= LANGUAGE_MIN_MS * SAMPLE_RATE_HZ // 1000:
+            return True
+        with self._lock:
+            return self._last_language is not None
 
     def _end_utterance(self, event: EndOfUtterance | None) -> None:
         """The event, then the utterance's final in its place: from the guess that
@@ -497,8 +512,11 @@ class StreamingRecognizer:
             decoded = self._decode(utterance, recent, "interim")
             if decoded is not None:
                 with self._lock:
-                    if utterance.final is None:
+                    slot = utterance.final
+                    if slot is None:
                         self._emit_interim(utterance, decoded, len(audio))
+                    elif slot.result is None:
+                        self._emit_interim(utterance, decoded, len(audio), before=slot)
 
     def _prompt(self) -> str:
         with self._lock:
@@ -532,8 +550,10 @@ class StreamingRecognizer:
         decoded: UtteranceText,
         samples: int,
         speculative: bool = False,
+        before: _FinalSlot | None = None,
     ) -> None:
-        """Under the lock. `samples`: how much of the utterance the decode heard."""
+        """Under the lock. `samples`: how much of the utterance the decode heard;
+        `before`: the final it must come ahead of (it is appended otherwise)."""
         text = clean_text(decoded)
         # A speculative result is sent even when it repeats the last interim: it
         # is the caller's signal that the final will say this, if the pause lasts.
@@ -541,19 +561,21 @@ class StreamingRecognizer:
             return
         stability = prefix_agreement(utterance.last_interim, text)
         utterance.last_interim = text
-        self._outputs.append(
-            Result(
-                text=text,
-                is_final=False,
-                language=decoded.language,
-                start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
-                end_ms=(utterance.start_sample + samples) * 1000 // SAMPLE_RATE_HZ,
-                utterance_index=utterance.index,
-                stability=stability,
-                no_speech_probability=decoded.no_speech_probability,
-                speculative=speculative,
-            )
+        result = Result(
+            text=text,
+            is_final=False,
+            language=decoded.language,
+            start_ms=utterance.onset_sample * 1000 // SAMPLE_RATE_HZ,
+            end_ms=(utterance.start_sample + samples) * 1000 // SAMPLE_RATE_HZ,
+            utterance_index=utterance.index,
+            stability=stability,
+            no_speech_probability=decoded.no_speech_probability,
+            speculative=speculative,
         )
+        if before is None:
+            self._outputs.append(result)
+        else:
+            self._outputs.insert(self._outputs.index(before), result)
 
     def _fill_final(self, slot: _FinalSlot, decoded: UtteranceText) -> None:
         """Under the lock."""
