@@ -5,7 +5,11 @@ the watchdog acts through supervisord's XML-RPC interface:
 
 - no answer (hung, deadlocked, SIGSTOPped, port gone): SIGKILL, and
   supervisord's autorestart brings it back at once: a hung process cannot
-  drain, so a graceful stop would only wait out stopwaitsecs;
+  drain, so a graceful stop would only wait out stopwaitsecs. A probe left
+  unanswered while the kernel shows the host slowed the program (its main
+  thread starved of CPU, or waiting for the disk: operations/slowdown.py) is
+  not counted, for up to `slowed_patience_s`: killing a healthy program on a
+  busy host only adds a reload to the load;
 - NOT_SERVING for longer than `not_serving_grace_s` (e.g. over its memory
   ceiling): a graceful restart (SIGTERM drains in-flight calls first).
 
@@ -19,8 +23,10 @@ import json
 import logging
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from prometheus_client import Counter, Gauge
@@ -30,6 +36,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from operations.cleanup import clean_cache
 from operations.programs import PROGRAMS, program_settings
+from operations.slowdown import MainThreadSample, sample, slowed_by_host
 from services.common.health_probe import probe
 from services.common.logs import configure_logging
 from services.common.metrics import MEMORY_LIMIT, READY, start_metrics_endpoint
@@ -66,6 +73,13 @@ class WatchdogSettings(ServiceSettings):
     probe_timeout_s: float = Field(default=1.0, gt=0, le=30, description="Deadline of one probe.")
     failures_to_restart: int = Field(
         default=3, ge=1, le=100, description="Failed probes in a row that trigger a restart."
+    )
+    slowed_patience_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long probes left unanswered are not counted while the kernel shows "
+        "the host slowing the program (its main thread waiting for a CPU for half the round "
+        "or more, or for the disk); a stopped program gets no patience. 0 = none.",
     )
     startup_grace_s: float = Field(
         default=60.0,
@@ -115,14 +129,26 @@ class ProgramWatch:
     next_restart_allowed: float = 0.0
     backoff_s: float = 0.0
     last_restart: float = 0.0
+    #: The running process, as supervisord last reported it.
+    process_pid: int = 0
+    #: Since when probes go unanswered while the host slows the program.
+    slowed_since: float | None = None
+    #: A graceful restart of it is under way (in the watchdog's restart threads).
+    restarting: bool = False
 
 
 class Watchdog:
     GROUP: ClassVar[str] = "talker"
 
-    def __init__(self, settings: WatchdogSettings, supervisor: Any, programs: list[str]) -> None:
+    def __init__(
+        self, settings: WatchdogSettings, connect: Callable[[], Any], programs: list[str]
+    ) -> None:
         self.settings = settings
-        self.supervisor = supervisor
+        self.connect = connect
+        self.supervisor = connect()
+        # A graceful restart waits for the program to drain (up to its stopwaitsecs):
+        # done on the probe loop, it left every other program unwatched meanwhile.
+        self.graceful = ThreadPoolExecutor(max_workers=4, thread_name_prefix="restart")
         self.watches = []
         for name in programs:
             program = program_settings(name)
@@ -168,23 +194,31 @@ class Watchdog:
             return "UNKNOWN", 0.0
         if watch.pid and int(info.get("pid", 0)) != watch.pid:
             return "RESTARTED", 0.0  # the announcing process is gone; its successor will announce
+        watch.process_pid = int(info.get("pid", 0))
         return str(info["statename"]), float(info["now"] - info["start"])
 
-    def check(self, watch: ProgramWatch, now: float, status: str | None = None) -> None:
+    def check(
+        self, watch: ProgramWatch, now: float, status: str | None = None, slowed: str | None = None
+    ) -> None:
         """One probe's verdict; `status`: the probe's answer when it was already
-        made (the round probes every program at once), else it probes now."""
+        made (the round probes every program at once), else it probes now;
+        `slowed`: why the host slowed the program during that probe, if it did."""
+        if watch.restarting:
+            return
         state, uptime_s = self.state(watch)
         # Starting, backing off, stopped by an operator: supervisord's business, not ours.
         if state != "RUNNING":
-            watch.failures, watch.not_serving_since = 0, None
+            watch.failures, watch.not_serving_since, watch.slowed_since = 0, None, None
             return
         status = status or probe(watch.address, self.settings.probe_timeout_s)
         PROBES.labels(watch.name, status).inc()
         if status != "SERVING" and uptime_s < self.settings.startup_grace_s:
             # Still importing before its port is open, or loading its model (a 0.5B
             # chat model took 37 s on a busy 2-core host): not a failure yet.
-            watch.failures, watch.not_serving_since = 0, None
+            watch.failures, watch.not_serving_since, watch.slowed_since = 0, None, None
             return
+        if status in ("SERVING", "NOT_SERVING"):
+            watch.slowed_since = None  # it answers
         if status == "SERVING":
             watch.failures, watch.not_serving_since = 0, None
             if watch.backoff_s and now - watch.last_restart > self.settings.backoff_max_s:
@@ -193,11 +227,40 @@ class Watchdog:
             watch.not_serving_since = watch.not_serving_since or now
             if now - watch.not_serving_since >= self.settings.not_serving_grace_s:
                 watch.failures += 1
+        # A starved program's kernel still takes the connection: only a probe
+        # that timed out can be a slowed one (a refused port is a dead program).
+        elif status == "DEADLINE_EXCEEDED" and slowed and self.patient(watch, now):
+            log.warning(
+                "no answer, but the host is slowing the program: not counted",
+                extra={
+                    "program": watch.name,
+                    "status": status,
+                    "why": slowed,
+                    "failures": watch.failures,
+                    "slowed_s": round(now - (watch.slowed_since or now), 1),
+                },
+            )
         else:
             watch.failures += 1
+            log.warning(
+                "no answer",
+                extra={
+                    "program": watch.name,
+                    "status": status,
+                    "failures": watch.failures,
+                    "slowed": slowed or "",
+                },
+            )
         FAILURES.labels(watch.name).set(watch.failures)
         if watch.failures >= self.settings.failures_to_restart:
             self.restart(watch, status, now)
+
+    def patient(self, watch: ProgramWatch, now: float) -> bool:
+        """Whether an unanswered probe of a program the host is slowing is still
+        within `slowed_patience_s`: a program hung in a busy loop on a busy host
+        looks starved too, and is killed once the patience runs out."""
+        watch.slowed_since = watch.slowed_since or now
+        return now - watch.slowed_since < self.settings.slowed_patience_s
 
     def restart(self, watch: ProgramWatch, status: str, now: float) -> None:
         if now < watch.next_restart_allowed:
@@ -221,21 +284,35 @@ class Watchdog:
                 "reason": reason,
             },
         )
-        try:
-            if reason == "no_answer":
+        if reason == "no_answer":
+            try:
                 self.supervisor.signalProcess(full_name, "KILL")  # autorestart brings it back
-            else:
-                self.supervisor.stopProcess(full_name, True)
-                self.supervisor.startProcess(full_name, False)
-        except (xmlrpc.client.Fault, OSError) as error:
-            log.error("restart failed", extra={"program": watch.name, "error": str(error)})
-            return
+            except (xmlrpc.client.Fault, OSError) as error:
+                log.error("restart failed", extra={"program": watch.name, "error": str(error)})
+                return
+        else:
+            watch.restarting = True
+            self.graceful.submit(self.restart_gracefully, watch)
         RESTARTS.labels(watch.name, reason).inc()
         watch.failures, watch.not_serving_since, watch.last_restart = 0, None, now
+        watch.slowed_since = None
         watch.backoff_s = min(
             self.settings.backoff_max_s, max(self.settings.backoff_initial_s, watch.backoff_s * 2)
         )
         watch.next_restart_allowed = now + watch.backoff_s
+
+    def restart_gracefully(self, watch: ProgramWatch) -> None:
+        """Stop (it drains its calls first) and start again, on a restart thread
+        with its own connection to supervisord (an XML-RPC proxy is not shared
+        across threads)."""
+        try:
+            supervisor = self.connect()
+            supervisor.stopProcess(watch.supervisor_name, True)
+            supervisor.startProcess(watch.supervisor_name, False)
+        except (xmlrpc.client.Fault, OSError) as error:
+            log.error("restart failed", extra={"program": watch.name, "error": str(error)})
+        finally:
+            watch.restarting = False
 
     def clean(self) -> None:
         try:
@@ -258,9 +335,14 @@ class Watchdog:
             self.discover_workers()
             watches = [*self.watches, *self.workers.values()]
             deadlines = [self.settings.probe_timeout_s] * len(watches)
+            before = [sample(w.process_pid) for w in watches]
+            probed_at = time.monotonic()
             answers = list(probes.map(probe, [w.address for w in watches], deadlines))
-            for watch, status in zip(watches, answers, strict=True):
-                self.check(watch, time.monotonic(), status)
+            window_s = time.monotonic() - probed_at
+            after: list[MainThreadSample | None] = [sample(w.process_pid) for w in watches]
+            for watch, status, first, last in zip(watches, answers, before, after, strict=True):
+                slowed = slowed_by_host(first, last, window_s)
+                self.check(watch, time.monotonic(), status, slowed)
             if started >= next_clean:
                 self.clean()
                 next_clean = started + self.settings.cleanup_interval_s
@@ -286,7 +368,7 @@ def main() -> None:
     # stayed 0 and the not-serving alert fired on every healthy system.
     READY.set(1)
     MEMORY_LIMIT.set(settings.memory_limit_bytes())
-    Watchdog(settings, supervisor_proxy(settings), args.programs).run_forever()
+    Watchdog(settings, partial(supervisor_proxy, settings), args.programs).run_forever()
 
 
 if __name__ == "__main__":

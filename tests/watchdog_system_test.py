@@ -1,7 +1,7 @@
 """The watchdog under the real supervisord: a hung program (SIGSTOP, port
-still open) and a program over its memory ceiling are restarted; the alert
-rules, fed with what that system exports, fire for the ceiling and then for
-the restart."""
+still open) and a program over its memory ceiling are restarted; a program
+starved of CPU is not, until its patience runs out; the alert rules, fed with
+what that system exports, fire for the ceiling and then for the restart."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -24,6 +26,7 @@ STARTUP_GRACE_S = 45
 # Well past a restart cycle (startup grace + not-serving grace + probes: 50-60 s
 # on a busy host), so a program that stays over its ceiling meets the backoff.
 BACKOFF_S = 100
+SLOWED_PATIENCE_S = 12
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
             # Long enough for chat to load its model on a busy host (NOT_SERVING while
             # loading is not counted within it); synthesize is restarted after it.
             "TALKER_WATCHDOG_STARTUP_GRACE_S": str(STARTUP_GRACE_S),
+            "TALKER_WATCHDOG_SLOWED_PATIENCE_S": str(SLOWED_PATIENCE_S),
             # Far below what the voice models need: synthesize is over it as soon as it loads.
             "TALKER_SYNTHESIZE_MEMORY_LIMIT_MB": "100",
         },
@@ -83,6 +87,57 @@ def test_hung_program_is_killed_and_comes_back(watched: Supervisor) -> None:
     print(f"asr hung -> SERVING again with a new process in {time.monotonic() - stopped_at:.1f} s")
     restarts = [e for e in watchdog_events(watched, "restarting program") if e["program"] == "asr"]
     assert restarts and restarts[-1]["reason"] == "no_answer"
+
+
+def test_a_program_starved_of_cpu_is_not_killed_until_its_patience_runs_out(
+    watched: Supervisor,
+) -> None:
+    address = watched.addresses["animate"]
+    while uptime_s(watched, "animate") <= STARTUP_GRACE_S + 1 or probe(address, 1) != "SERVING":
+        time.sleep(0.5)
+    starved = pid(watched, "animate")
+    # The fault, injected on purpose: two busy loops on CPU 0, and animate's
+    # threads on CPU 0 at the idle priority, so they run only when the loops let
+    # them (a host busier than the program can bear, not a hung program).
+    cpu = {0}
+    burners = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {cpu})\nwhile True: pass"]
+        )
+        for _ in range(2)
+    ]
+    try:
+        for task in os.listdir(f"/proc/{starved}/task"):
+            os.sched_setaffinity(int(task), cpu)
+            os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+        started = time.monotonic()
+        print(f"animate starved from {datetime.now().isoformat()}")
+        deadline = started + SLOWED_PATIENCE_S + 60
+
+        def animate_events(event: str) -> list[dict]:
+            return [e for e in watchdog_events(watched, event) if e["program"] == "animate"]
+
+        not_counted = "no answer, but the host is slowing the program: not counted"
+        while not animate_events("restarting program"):
+            assert time.monotonic() < deadline, watched.log("watchdog")[-3000:]
+            time.sleep(0.5)
+        restarted_after_s = time.monotonic() - started
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    slowed = animate_events(not_counted)
+    # The watchdog saw why: it was waiting for a CPU; those rounds were not counted.
+    assert slowed and all("for a CPU" in e["why"] for e in slowed), slowed
+    # ... for the whole patience, not the 3 rounds (3 s) that kill a hung program.
+    assert max(e["slowed_s"] for e in slowed) >= SLOWED_PATIENCE_S - 2, slowed
+    assert restarted_after_s >= SLOWED_PATIENCE_S, restarted_after_s
+    assert animate_events("restarting program")[-1]["reason"] == "no_answer"
+    print(
+        f"animate starved: {len(slowed)} unanswered rounds not counted, killed after {restarted_after_s:.1f} s"
+    )
+    watched.wait_status(address, timeout_s=120)
+    assert pid(watched, "animate") != starved
 
 
 def test_program_over_its_memory_ceiling_reports_not_serving_and_is_restarted(
