@@ -27,6 +27,14 @@ class GatewaySettings(StageSettings):
         "away. Hides the end-of-utterance wait from the user at the cost of some "
         "discarded work when people pause mid-sentence.",
     )
+    stages_wait_s: float = Field(
+        default=45,
+        gt=0,
+        description="At start the gateway reports SERVING once every stage does, or after "
+        "this long: then its own health is SERVING and its talker.v1.TalkerService status "
+        "NOT_SERVING until the missing stages come (a stage that never does must not get the "
+        "gateway restarted by the watchdog).",
+    )
     max_conversations: int = Field(
         default=2,
         ge=1,

@@ -173,26 +173,38 @@ def build_program(settings: GatewaySettings) -> GrpcProgram:
         if not down:
             all_serving.set()
         if program.ready:
-            # The gateway itself stays SERVING (the watchdog must not restart it for
-            # another program's fault); its service name tells balancers which stage is out.
-            status = (
-                health_pb2.HealthCheckResponse.NOT_SERVING
-                if down
-                else health_pb2.HealthCheckResponse.SERVING
-            )
-            task = asyncio.ensure_future(program.health.set(SERVICE_NAME, status))
+            task = asyncio.ensure_future(publish(stages))
             pending.add(task)
             task.add_done_callback(pending.discard)
-            if down:
-                log.warning(
-                    "a stage is down",
-                    extra={"down": down, "stages": {n: LABELS[n] for n in down}},
-                )
+
+    async def publish(stages: Stages) -> None:
+        # The gateway itself stays SERVING (the watchdog must not restart it for
+        # another program's fault); its service name tells balancers which stage is out.
+        down = stages.down()
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if down
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        await program.health.set(SERVICE_NAME, status)
+        if down:
+            log.warning(
+                "a stage is down", extra={"down": down, "stages": {n: LABELS[n] for n in down}}
+            )
 
     def load() -> None:
-        # SERVING only once every stage is: that is the start order, without sleeps.
-        while not all_serving.wait(5.0):
-            log.info("waiting for stages", extra={"down": holder["stages"].down()})
+        # SERVING once every stage is: that is the start order, without sleeps. Not
+        # forever: a stage that never comes up (over its memory ceiling, a broken
+        # model) would keep the gateway NOT_SERVING, and the watchdog would restart
+        # it, again and again, for another program's fault.
+        waited_s = 0.0
+        while not all_serving.wait(min(5.0, settings.stages_wait_s - waited_s)):
+            waited_s += 5.0
+            down = holder["stages"].down()
+            if waited_s >= settings.stages_wait_s:
+                log.warning("serving without every stage", extra={"down": down})
+                return
+            log.info("waiting for stages", extra={"down": down})
 
     async def on_stop() -> None:
         holder["sweeper"].cancel()
@@ -209,6 +221,11 @@ def build_program(settings: GatewaySettings) -> GrpcProgram:
         credentials=server_credentials(settings),
         on_stop=on_stop,
     )
+
+    async def on_ready() -> None:
+        await publish(holder["stages"])
+
+    program.on_ready = on_ready
     return program
 
 

@@ -42,6 +42,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
             # loading is not counted within it); synthesize is restarted after it.
             "TALKER_WATCHDOG_STARTUP_GRACE_S": str(STARTUP_GRACE_S),
             "TALKER_WATCHDOG_SLOWED_PATIENCE_S": str(SLOWED_PATIENCE_S),
+            # synthesize never comes up: the gateway serves without it after this long.
+            "TALKER_GATEWAY_STAGES_WAIT_S": "20",
             # Far below what the voice models need: synthesize is over it as soon as it loads.
             "TALKER_SYNTHESIZE_MEMORY_LIMIT_MB": "100",
         },
@@ -159,6 +161,17 @@ def test_program_over_its_memory_ceiling_reports_not_serving_and_is_restarted(
     assert any(e["event"] == "not serving" and "memory" in e.get("conditions", []) for e in log)
     # It drained: the restart was a graceful stop, so the old process said so.
     assert any(e["event"] == "termination requested; draining" for e in log)
+    # The gateway, which synthesize never let start fully, serves without it and
+    # is not restarted for synthesize's fault.
+    assert probe(watched.addresses["gateway"], 1) == "SERVING"
+    assert not [
+        e for e in watchdog_events(watched, "restarting program") if e["program"] == "gateway"
+    ]
+    gateway_log = [json.loads(line) for line in watched.log("gateway").splitlines()]
+    assert any(
+        e["event"] == "serving without every stage" and e["down"] == ["synthesize"]
+        for e in gateway_log
+    )
 
 
 def test_crash_loop_is_rate_limited(watched: Supervisor) -> None:

@@ -77,6 +77,9 @@ class GrpcProgram:
         self._on_stop = on_stop
         #: Runs on the loader's thread once the model is loaded, before SERVING.
         self.after_load: Callable[[], None] | None = None
+        #: Runs on the loop right after SERVING is reported (a service of the
+        #: program may then say NOT_SERVING for its own reasons).
+        self.on_ready: Callable[[], Awaitable[None]] | None = None
         self._ready = False
         self._conditions: set[str] = set()
         self._memory_task: asyncio.Task[None] | None = None
@@ -186,6 +189,8 @@ class GrpcProgram:
         if self.after_load is not None:
             await asyncio.to_thread(self.after_load)
         await self.set_serving(True)
+        if self.on_ready is not None:
+            await self.on_ready()
         log.info("serving", extra={"load_s": round(loop_time() - started, 3)})
 
     async def wait_ready(self) -> None:
