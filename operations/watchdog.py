@@ -36,7 +36,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from operations.cleanup import clean_cache
 from operations.programs import PROGRAMS, program_settings
-from operations.slowdown import MainThreadSample, sample, slowed_by_host
+from operations.slowdown import ProcessSample, sample, slowed_by_host
 from services.common.health_probe import probe
 from services.common.logs import configure_logging
 from services.common.metrics import MEMORY_LIMIT, READY, start_metrics_endpoint
@@ -339,7 +339,7 @@ class Watchdog:
             probed_at = time.monotonic()
             answers = list(probes.map(probe, [w.address for w in watches], deadlines))
             window_s = time.monotonic() - probed_at
-            after: list[MainThreadSample | None] = [sample(w.process_pid) for w in watches]
+            after: list[ProcessSample | None] = [sample(w.process_pid) for w in watches]
             for watch, status, first, last in zip(watches, answers, before, after, strict=True):
                 slowed = slowed_by_host(first, last, window_s)
                 self.check(watch, time.monotonic(), status, slowed)

@@ -54,7 +54,7 @@ def test_a_stopped_process_is_hung_whatever_else() -> None:
     with child(TICKING) as stopped:
         os.kill(stopped.pid, signal.SIGSTOP)
         assert verdict(stopped.pid) is None
-        assert sample(stopped.pid).state == "T"  # type: ignore[union-attr]
+        assert sample(stopped.pid).main.state == "T"  # type: ignore[union-attr]
 
 
 def test_a_deadlocked_process_is_hung() -> None:
@@ -65,9 +65,10 @@ def test_a_deadlocked_process_is_hung() -> None:
 
 def test_a_process_spinning_on_a_cpu_of_its_own_is_hung() -> None:
     with child("while True: pass", cpu=1) as spinning:
-        # Most windows: whatever else this shared host runs on that CPU now and then.
-        verdicts = [verdict(spinning.pid) for _ in range(3)]
-    assert verdicts.count(None) >= 2, verdicts
+        # A CPU of its own on a shared host: the real-time class runs before anything
+        # else there (the kernel still leaves others 5% of it).
+        os.sched_setscheduler(spinning.pid, os.SCHED_FIFO, os.sched_param(1))
+        assert verdict(spinning.pid) is None
 
 
 @pytest.mark.parametrize("pid", [0, -1, 2**22 + 1])
