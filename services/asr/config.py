@@ -88,6 +88,14 @@ class AsrSettings(ServiceSettings):
         "English utterances as Latin and Latvian (python -m bench asr, flips).",
     )
 
+    chinese_script: str = Field(
+        default="simplified",
+        pattern=r"^(simplified|traditional|as_heard)$",
+        description="Script of Chinese transcripts: simplified, traditional, or as_heard "
+        "(as Whisper wrote them, which is often both in one sentence). Converted by phrase "
+        "with OpenCC.",
+    )
+
     @field_validator("auto_languages")
     @classmethod
     def _known_codes(cls, value: str) -> str:

@@ -13,6 +13,7 @@ from grpc import aio
 
 from services.asr.config import AsrSettings
 from services.asr.engine import SAMPLE_RATE_HZ, Transcript, WhisperEngine
+from services.asr.script import ChineseScript
 from services.asr.streaming import (
     EndOfUtterance,
     Result,
@@ -46,6 +47,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         self.engine = engine
         self.settings = settings
         self.clips = WorkQueue("asr_clips", settings.decode_workers, settings.max_waiting_clips)
+        self.script = ChineseScript(settings.chinese_script)
         self.live_streams = 0
 
     # ---- Recognize ------------------------------------------------------------
@@ -75,7 +77,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
                 config.beam_size,
                 config.word_timestamps,
             )
-        return transcript_message(transcript)
+        return transcript_message(transcript, self.script)
 
     def _check_common(self, config: asr_pb2.RecognitionConfig) -> None:
         if config.beam_size > MAX_BEAM_SIZE:
@@ -104,7 +106,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         try:
             stream = self._open(await incoming.get())
             while not stream.recognizer.finished:
-                for response in stream_messages(await stream.step(incoming)):
+                for response in stream_messages(await stream.step(incoming), self.script):
                     yield response
             if stream.failure is not None:
                 raise stream.failure
@@ -278,21 +280,22 @@ async def _pump(request_iterator: AsyncIterator[Any], incoming: asyncio.Queue[An
         await incoming.put(error)
 
 
-def transcript_message(transcript: Transcript) -> asr_pb2.RecognizeResponse:
+def transcript_message(transcript: Transcript, script: ChineseScript) -> asr_pb2.RecognizeResponse:
+    language = transcript.language
     return asr_pb2.RecognizeResponse(
-        text=transcript.text,
-        language=transcript.language,
+        text=script(transcript.text, language),
+        language=language,
         language_probability=transcript.language_probability,
         segments=[
             asr_pb2.Segment(
-                text=s.text,
+                text=script(s.text, language),
                 start_ms=round(s.start_s * 1000),
                 end_ms=round(s.end_s * 1000),
                 avg_logprob=s.avg_logprob,
                 no_speech_probability=s.no_speech_probability,
                 words=[
                     asr_pb2.Word(
-                        text=w.text,
+                        text=script(w.text, language),
                         start_ms=round(w.start_s * 1000),
                         end_ms=round(w.end_s * 1000),
                         probability=w.probability,
@@ -314,14 +317,17 @@ _EVENT_TYPES = {
 }
 
 
-def stream_messages(outputs: list[StreamOutput]) -> list[asr_pb2.StreamingRecognizeResponse]:
+def stream_messages(
+    outputs: list[StreamOutput], script: ChineseScript
+) -> list[asr_pb2.StreamingRecognizeResponse]:
     messages = []
     for output in outputs:
         if isinstance(output, Result):
+            text = script(output.text, output.language)
             messages.append(
                 asr_pb2.StreamingRecognizeResponse(
                     result=asr_pb2.StreamingRecognitionResult(
-                        text=output.text,
+                        text=text,
                         is_final=output.is_final,
                         language=output.language,
                         start_ms=output.start_ms,
@@ -331,7 +337,7 @@ def stream_messages(outputs: list[StreamOutput]) -> list[asr_pb2.StreamingRecogn
                         speculative=output.speculative,
                         segments=[
                             asr_pb2.Segment(
-                                text=output.text,
+                                text=text,
                                 start_ms=output.start_ms,
                                 end_ms=output.end_ms,
                                 no_speech_probability=output.no_speech_probability,
