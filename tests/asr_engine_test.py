@@ -247,18 +247,33 @@ def with_noise(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
     return (audio + noise).astype(np.float32)
 
 
-def test_an_utterance_window_is_padded_as_whisper_pads_its_last_window(asr_engine) -> None:
-    from faster_whisper.audio import pad_or_trim
+def test_an_utterance_window_continues_the_level_it_ends_at_never_above_whispers_zero(
+    asr_engine,
+) -> None:
+    from services.asr.engine import TAIL_FRAMES
 
-    noisy = with_noise(VOICES["espeak"](HELD_OUT[1]), 15.0, seed=1)
+    speech = np.concatenate([VOICES["espeak"](HELD_OUT[1]), silence(0.064)])
+    last = (len(speech) - 200) // 160  # the last frame that hears only the audio
+    first = (len(speech) + 200) // 160 + 1  # the first that hears only padding
+    silent_samples = np.zeros(160_000, np.float32)
+    silent_samples[: len(speech)] = speech
+    floor_padded = asr_engine.model.feature_extractor(silent_samples)[:, :1000]
+    # Speech that ends in digital silence: the window is what padding with silent
+    # samples gives, frame for frame (the floor, far below Whisper's zero).
+    np.testing.assert_array_equal(asr_engine.window_features(speech, 1000), floor_padded)
+    assert floor_padded[:, first:].max() < -0.2
+
+    noisy = with_noise(speech, 15.0, seed=1)
     features = asr_engine.window_features(noisy, 1000)
-    own = asr_engine.model.feature_extractor(noisy)[:, :-1]  # as faster-whisper computes them
-    assert features.shape == (own.shape[0], 1000) and own.shape[1] < 1000
-    np.testing.assert_allclose(features, pad_or_trim(own, 1000), rtol=0, atol=1e-6)
-    # Past the audio: log-mel zeros, not the floor that silent samples would give
-    # (8 decades below the loudest frame, about -1 once normalised).
-    assert not features[:, own.shape[1] :].any()
-    assert features[:, : own.shape[1]].min() < -0.2  # the floor exists, and is not used
+    assert features.shape == (floor_padded.shape[0], 1000)
+    ending = np.median(features[:, last - TAIL_FRAMES + 1 : last + 1], axis=1)
+    padding = features[:, first:]
+    # Under noise the audio ends at the noise, above Whisper's zero: padded at zero,
+    # not at the floor 8 decades down (a cliff right after the speech).
+    assert (padding == padding[:, :1]).all()
+    np.testing.assert_array_equal(padding[:, 0], np.minimum(ending, 0.0))
+    assert (padding[:, 0] == 0).mean() > 0.5, padding[:, 0]
+    assert padding.min() > floor_padded.min() + 0.2
 
 
 def test_speech_in_noise_is_one_utterance_that_spans_it(asr_engine) -> None:
