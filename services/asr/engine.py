@@ -4,12 +4,11 @@ Two decoding paths:
 - `transcribe_clip`: faster-whisper's own pipeline (VAD, 30 s windows,
   timestamps) for whole clips.
 - `transcribe_utterance`: one short utterance from a live stream. The encoder
-  is run on a window cut to the utterance (at least MIN_WINDOW_FRAMES, 10 s)
-  instead of the fixed 30 s: on a 2-core CPU that is ~0.12 s instead of
-  ~0.55 s, which is most of the end-of-speech-to-final latency; a repetitive
-  result is decoded again on the full window. How the window is padded past the
-  utterance (`window_features`) decided whether streamed finals in noise were
-  as good as whole-clip ones.
+  is run on a window cut to the utterance (at least 15 s) instead of the fixed
+  30 s: on a 2-core CPU that is ~0.12 s instead of ~0.55 s, which is most of
+  the end-of-speech-to-final latency. Windows shorter than ~10 s made Whisper
+  repeat itself, so 15 s is the floor; a repetitive result is decoded again on
+  the full window.
 """
 
 from __future__ import annotations
@@ -50,9 +49,6 @@ FULL_WINDOW_FRAMES = 3000
 # looks like a hallucination (compression ratio) is redone on the full 30 s.
 MIN_WINDOW_FRAMES = 1000
 LANGUAGES = frozenset(_LANGUAGE_CODES)
-# The level an utterance ends at, per mel band: the median of its last frames (40 ms;
-# an utterance is decoded with at least 64 ms of the silence that ended it).
-TAIL_FRAMES = 4
 
 DECODE_SECONDS = Histogram(
     "talker_asr_decode_seconds",
@@ -291,44 +287,15 @@ class WhisperEngine:
             DECODE_SECONDS.labels(kind).observe(time.perf_counter() - started)
         return result
 
-    def window_features(self, audio: np.ndarray, window: int) -> np.ndarray:
-        """Log-mel features of an utterance on an encoder window of `window` frames.
-        Past the utterance the window continues the level the audio ends at (the
-        silence after the speech), per mel band, but never above Whisper's own
-        padding value (0, normalised: how its reference transcribe pads a last
-        window). Silent samples alone put those frames at the floor, 8 decades below
-        the loudest frame: after noisy speech that floor is a cliff the model reads
-        as more words (on the 72 noisy clips of the ASR bench, espeak-ng at 15 dB
-        SNR, streamed finals made 205 word errors, whole-clip Recognize 186). Zeros
-        alone, after speech that ends in silence, are sound arriving after it:
-        Mandarin finals lost their full stop and 5 characters in 48 clean dev clips.
-        The level is taken where the audio ends, not from its quietest frames: a
-        stream that began mid-speech has no quiet before it, and a percentile of the
-        whole utterance then padded with speech-like sound (a greedy final came out
-        as its first word). Audio that ends in digital silence keeps its floor:
-        features as before."""
-        assert self.model is not None
-        extractor = self.model.feature_extractor
-        hop = SAMPLE_RATE_HZ // FRAMES_PER_SECOND
-        padded = np.zeros(window * hop, dtype=np.float32)
-        clipped = audio[: len(padded)]
-        padded[: len(clipped)] = clipped
-        features = extractor(padded)[:, :window]
-        # Frames are centred n_fft-sample windows: the last that hears only the audio,
-        # and the first that hears only padding.
-        half = extractor.n_fft // 2
-        last = (len(clipped) - half) // hop
-        first = min(window, -(-(len(clipped) + half) // hop))
-        if last >= TAIL_FRAMES and first < window:
-            ending = np.median(features[:, last - TAIL_FRAMES + 1 : last + 1], axis=1)
-            features[:, first:] = np.minimum(ending, 0.0)[:, None]
-        return features
-
     def _decode_window(
         self, audio: np.ndarray, window: int, language: str | None, prompt: str, beam_size: int
     ) -> UtteranceText:
         assert self.model is not None
-        features = self.window_features(audio, window)
+        hop = SAMPLE_RATE_HZ // FRAMES_PER_SECOND
+        padded = np.zeros(window * hop, dtype=np.float32)
+        clipped = audio[: len(padded)]
+        padded[: len(clipped)] = clipped
+        features = self.model.feature_extractor(padded)[:, :window]
         encoded = self.model.model.encode(
             ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])),
             to_cpu=False,
