@@ -7,7 +7,8 @@ with every program running under supervisord, how far a live stream falls
 behind real time while the gateway synthesizes and animates a reply, against
 the same streams on an idle host.
 
-BENCH_ASR_PARTS picks parts (comma-separated: clip, streamed, flips, lag; all by default)."""
+BENCH_ASR_PARTS picks parts (comma-separated: clip, streamed, flips, lag; all by default);
+BENCH_ASR_KINDS picks voice kinds of the streamed part by a word of their name (mandarin, noise)."""
 
 from __future__ import annotations
 
@@ -263,7 +264,11 @@ def streamed_vs_whole(stub: asr_pb2_grpc.AsrServiceStub, settings: AsrSettings) 
     """Per voice kind: Recognize on the whole clip against the final of the same
     audio streamed at real-time pace, clip by clip."""
     rows, languages_seen = [], set()
+    # BENCH_ASR_KINDS=Mandarin: only the voice kinds whose name holds one of the words.
+    wanted = [w.lower() for w in os.environ.get("BENCH_ASR_KINDS", "").split(",") if w]
     for kind, (language, clips) in voice_kinds().items():
+        if wanted and not any(w in kind.lower() for w in wanted):
+            continue
         references = [r for r, _, _ in clips]
         whole, streamed, latencies = [], [], []
         for reference, audio, speech_end in clips:
