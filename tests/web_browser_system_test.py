@@ -39,7 +39,9 @@ from tests.portrait import create_astronaut
 from tests.processes import REPO, VENV_BIN, free_port
 from tests.speech import normalise, piper_speech
 
-QUESTION = "What is the capital of France?"
+# Long enough that an interim falls due with language auto (1.5 s of speech to
+# detect it on): "What is the capital of France?" alone sometimes ended first.
+QUESTION = "Could you please tell me what the capital city of France is?"
 STORY = "Tell me a long story about a dragon and a brave knight."
 SECOND = "How many legs does a spider have?"
 # A turn on a loaded 2-core host: ASR, chat, speech and animation in turn.
