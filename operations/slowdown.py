@@ -86,15 +86,13 @@ def slowed_by_host(
     ]
     if any(s.state in ("T", "t") for _, a, b in pairs for s in (a, b)):
         return None  # stopped: nothing is slowing it, it is not running at all
-    who = {after.pid: "its main thread"}
     for tid, first, last in pairs:
         waited = last.run_queue_wait_s - first.run_queue_wait_s
         if waited >= starved_fraction * window_s:
-            name = who.get(tid, f"its thread {tid}")
+            name = "its main thread" if tid == after.pid else f"its thread {tid}"
             return f"{name} waited {waited:.2f} s of {window_s:.2f} s for a CPU"
-    main = (before.main, after.main)
-    if main[0] is not None and main[1] is not None and main[1].state == "R":
-        ran = main[1].run_s - main[0].run_s
+    if before.main is not None and after.main is not None and after.main.state == "R":
+        ran = after.main.run_s - before.main.run_s
         if ran < barely_ran_fraction * window_s:
             # A hung loop that has a CPU runs the whole window; this one waits for one.
             return f"its main thread is waiting for a CPU (it ran {ran:.2f} s of {window_s:.2f} s)"

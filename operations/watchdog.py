@@ -6,8 +6,8 @@ the watchdog acts through supervisord's XML-RPC interface:
 - no answer (hung, deadlocked, SIGSTOPped, port gone): SIGKILL, and
   supervisord's autorestart brings it back at once: a hung process cannot
   drain, so a graceful stop would only wait out stopwaitsecs. A probe left
-  unanswered while the kernel shows the host slowed the program (its main
-  thread starved of CPU, or waiting for the disk: operations/slowdown.py) is
+  unanswered while the kernel shows the host slowed the program (a thread of
+  it starved of CPU, or waiting for the disk: operations/slowdown.py) is
   not counted, for up to `slowed_patience_s`: killing a healthy program on a
   busy host only adds a reload to the load;
 - NOT_SERVING for longer than `not_serving_grace_s` (e.g. over its memory
@@ -36,7 +36,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from operations.cleanup import clean_cache
 from operations.programs import PROGRAMS, program_settings
-from operations.slowdown import ProcessSample, sample, slowed_by_host
+from operations.slowdown import sample, slowed_by_host
 from services.common.health_probe import probe
 from services.common.logs import configure_logging
 from services.common.metrics import MEMORY_LIMIT, READY, start_metrics_endpoint
@@ -78,7 +78,7 @@ class WatchdogSettings(ServiceSettings):
         default=30.0,
         ge=0,
         description="How long probes left unanswered are not counted while the kernel shows "
-        "the host slowing the program (its main thread waiting for a CPU for half the round "
+        "the host slowing the program (a thread of it waiting for a CPU for half the round "
         "or more, or for the disk); a stopped program gets no patience. 0 = none.",
     )
     startup_grace_s: float = Field(
@@ -339,10 +339,13 @@ class Watchdog:
             probed_at = time.monotonic()
             answers = list(probes.map(probe, [w.address for w in watches], deadlines))
             window_s = time.monotonic() - probed_at
-            after: list[ProcessSample | None] = [sample(w.process_pid) for w in watches]
+            # Only a probe that timed out is judged (check): the rest need no second look.
+            after = [
+                sample(w.process_pid) if status == "DEADLINE_EXCEEDED" else None
+                for w, status in zip(watches, answers, strict=True)
+            ]
             for watch, status, first, last in zip(watches, answers, before, after, strict=True):
-                slowed = slowed_by_host(first, last, window_s)
-                self.check(watch, time.monotonic(), status, slowed)
+                self.check(watch, time.monotonic(), status, slowed_by_host(first, last, window_s))
             if started >= next_clean:
                 self.clean()
                 next_clean = started + self.settings.cleanup_interval_s
