@@ -267,3 +267,39 @@ def test_speech_in_noise_is_one_utterance_that_spans_it(asr_engine) -> None:
         assert len(finals) == 1 and finals[0].text, outputs
         assert onset_ms - 64 <= finals[0].start_ms <= onset_ms + 200, (onset_ms, finals[0])
         assert end_ms - 32 <= finals[0].end_ms <= end_ms + 400, (end_ms, finals[0])
+
+
+def window_features(engine, audio: np.ndarray) -> tuple[np.ndarray, int]:  # type: ignore[no-untyped-def]
+    """A 10 s encoder window of `audio` padded with silent samples, as decoded,
+    and the first frame that is padding only."""
+    padded = np.zeros(16_000 * 10, dtype=np.float32)
+    padded[: len(audio)] = audio
+    return engine.model.feature_extractor(padded)[:, :1000], len(audio) // 160 + 1
+
+
+def test_the_encoder_window_is_padded_with_the_background_the_audio_holds(asr_engine) -> None:
+    from services.asr.engine import pad_with_background
+
+    clean = np.concatenate([silence(0.4), VOICES["espeak"](HELD_OUT[0]), silence(0.2)])
+    noisy = with_noise(clean, 15.0, seed=7)
+
+    # Clean audio: its pre-roll is silent, so the padding stays at the floor and
+    # the window decodes exactly as before.
+    features, first_pad = window_features(asr_engine, clean)
+    before = features.copy()
+    pad_with_background(features, first_pad)
+    assert np.array_equal(features, before)
+
+    # Noisy audio: the padding is raised from the floor to the noise's own level,
+    # per band, and never above Whisper's own padding level (0).
+    features, first_pad = window_features(asr_engine, noisy)
+    floor = features[:, first_pad + 2].copy()
+    noise_only = features[:, 2:36]  # the 0.4 s pre-roll, away from its edges
+    pad_with_background(features, first_pad)
+    padding = features[:, first_pad + 2 :]
+    assert np.all(padding == padding[:, :1])  # one level per band, all the way
+    level = padding[:, 0]
+    assert np.all(level <= 0.0)
+    assert np.all(level > floor + 0.5), (level - floor).min()
+    assert np.all(level <= np.maximum(np.median(noise_only, axis=1), floor)), level
+    assert np.all(level >= np.minimum(noise_only.min(axis=1), 0.0) - 0.05), level

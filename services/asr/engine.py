@@ -296,6 +296,7 @@ class WhisperEngine:
         clipped = audio[: len(padded)]
         padded[: len(clipped)] = clipped
         features = self.model.feature_extractor(padded)[:, :window]
+        pad_with_background(features, len(clipped) // hop + 1)
         encoded = self.model.model.encode(
             ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])),
             to_cpu=False,
@@ -337,6 +338,35 @@ class WhisperEngine:
             avg_logprob=float(generated.scores[0]) if generated.scores else 0.0,
             no_speech_probability=float(generated.no_speech_prob),
         )
+
+
+BACKGROUND_SMOOTHING_FRAMES = 5  # 50 ms: short enough to fit in a gap between words
+
+
+def pad_with_background(features: np.ndarray, first_pad_frame: int) -> None:
+    """Raises the padding of an encoder window (its frames from `first_pad_frame` on,
+    after the audio) to the background the audio itself holds: per mel band, the
+    level of its quietest 50 ms, never above Whisper's own padding (0 in its
+    normalised log-mel). `features` is changed in place.
+
+    Why: the window is padded with silent samples, whose log-mel sits at the floor,
+    8 decades under the loudest frame. After speech in noise that cliff, from the
+    noise to nothing, read as more words: on the bench's 72 clips in 15 dB white
+    noise, streamed finals made 195-205 word errors where whole-clip Recognize
+    made 186-188 (faster-whisper pads its windows at 0). Padding at the background
+    brought them to 188, the same as whole-clip. Clean audio, whose pre-roll and
+    gaps are silent, keeps the floor and decodes exactly as before: padding at 0
+    everywhere lost characters of clean Mandarin. The quietest 50 ms is the
+    pre-roll or a gap between words; the level of the audio's last 40 ms, tried
+    first, still held a voice's tail and emptied a clean final."""
+    audio = features[:, :first_pad_frame]
+    if first_pad_frame >= features.shape[1] or audio.shape[1] < BACKGROUND_SMOOTHING_FRAMES:
+        return
+    kernel = np.full(BACKGROUND_SMOOTHING_FRAMES, 1 / BACKGROUND_SMOOTHING_FRAMES, np.float32)
+    smoothed = np.stack([np.convolve(band, kernel, mode="valid") for band in audio])
+    background = np.minimum(smoothed.min(axis=1), 0.0)
+    padding = features[:, first_pad_frame:]
+    np.maximum(padding, background[:, None], out=padding)
 
 
 def join_texts(texts: object) -> str:
