@@ -18,6 +18,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROTOS := $(wildcard protos/talker/v1/*.proto)
 GEN := gen/talker/v1
 STAMP := $(VENV)/.installed
+# llama.cpp is built from source for the CPU it runs on, but without its AMX kernels:
+# on some Sapphire Rapids machines they crash the chat program at its first token
+# (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat, llama.cpp issue 20824; seen
+# here on an Intel Xeon with AMX). AVX-512 and AVX2 kernels stay.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
+LLAMA_CHECKED := $(VENV)/.llama-cpp-without-amx
 
 .PHONY: help setup system-deps proto run stop status restart logs test test-fast lint format bench clean
 
@@ -34,7 +41,7 @@ $(STAMP): pyproject.toml
 	# The local CPU wheel of torch first: anything later that needs torch finds it
 	# and pip never pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,coqui]'
+	CMAKE_ARGS="$$CMAKE_ARGS $(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,coqui]'
 	# torchaudio (imported by coqui-tts) ships C++ extensions linked against CUDA torch;
 	# beside the CPU torch they fail to load and break `import torchaudio`. Without the
 	# files torchaudio runs on its pure-torch parts, all that the XTTS path uses.
@@ -109,7 +116,16 @@ CHAT_MODEL := $(TALKER_VAR_DIR)/cache/chat/qwen2.5-coder-0.5b-instruct-q4_k_m.gg
 $(CHAT_MODEL): $(STAMP)
 	$(PY) -m services.chat.models
 
-setup: $(STAMP) proto $(SAMPLES) $(CHAT_MODEL)
+# A llama.cpp built with AMX kernels (before the rule above; pip's wheel cache keeps
+# such a build) is built again without them.
+$(LLAMA_CHECKED): $(STAMP)
+	if $(PY) -c 'import sys, llama_cpp; sys.exit("AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode())'; then \
+	  echo "rebuilding llama.cpp without its AMX kernels (several minutes)"; \
+	  CMAKE_ARGS="$$CMAKE_ARGS $(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"; \
+	fi
+	touch $@
+
+setup: $(STAMP) $(LLAMA_CHECKED) proto $(SAMPLES) $(CHAT_MODEL)
 
 # ---- running ----------------------------------------------------------------
 run: setup system-deps
