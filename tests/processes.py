@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -22,10 +23,39 @@ VENV_BIN = REPO / ".venv" / "bin"
 SUPERVISOR_CONF = REPO / "supervisor" / "supervisord.conf"
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now and outside the kernel's ephemeral range, never given twice
+    in one process. A port picked by binding to 0 comes from that range, and any
+    outgoing connection (a health probe, a gRPC channel) could take it before the
+    program under test binds it: animate's metrics port once stayed taken until
+    supervisord gave the program up ("Address already in use")."""
+    low, high = ephemeral_port_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65536)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(candidates)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1}")
 
 
 class Supervisor:
