@@ -111,7 +111,8 @@ $(SAMPLES): $(STAMP)
 	$(PY) -m gateway.samples $(TALKER_VAR_DIR)/samples
 
 # The default chat model, joined from its six packages and checked against its sha256
-# once, so the first start does not (services/chat/models.py).
+# once, and the guard's examples embedded, so the first start does neither
+# (services/chat/models.py).
 CHAT_MODEL := $(TALKER_VAR_DIR)/cache/chat/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.verified
 $(CHAT_MODEL): $(STAMP)
 	$(PY) -m services.chat.models

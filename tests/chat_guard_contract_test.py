@@ -5,6 +5,10 @@ answering a paraphrase with a refusal instead of the model."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -18,8 +22,9 @@ from services.chat.guard_examples import ATTACKS, BENIGN
 from services.chat.semantic_guard import embedded_model_path
 from services.chat.server import build_program
 from services.common.errors import PreconditionFailed
+from services.common.health_probe import probe
 from talker.v1 import chat_pb2, chat_pb2_grpc
-from tests.processes import InProcessServer
+from tests.processes import REPO, VENV_BIN, InProcessServer, free_port
 
 # Written for these tests, not among the fitting examples (checked below); the
 # attacks are matched by none of the regular expressions. The first four
@@ -198,3 +203,47 @@ def test_chat_answers_a_paraphrase_with_a_refusal_in_its_language(
             with pytest.raises(grpc.RpcError) as raised:  # nothing reached the history
                 stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id))
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_chat_is_serving_only_once_its_guard_has_loaded(tmp_path: Path) -> None:
+    """A first start embeds the guard's examples (nothing cached yet), which takes
+    longer than loading a cached chat model; a program that said SERVING before
+    that held its first message until it was done (9 s on a 2-core Intel Xeon).
+    The real program, as supervisord starts it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # The chat model from the shared cache; the guard's examples from none.
+    (cache / "chat").symlink_to(ChatSettings().cache_dir / "chat")
+    port = free_port()
+    env = {
+        **os.environ,
+        "TALKER_VAR_DIR": str(tmp_path),
+        "TALKER_CACHE_DIR": str(cache),
+        "TALKER_CHAT_PORT": str(port),
+        "TALKER_CHAT_METRICS_PORT": "0",
+    }
+    log_path = tmp_path / "chat.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "python"), "-m", "services.chat"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while probe(f"127.0.0.1:{port}") != "SERVING":
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        events = [
+            json.loads(line).get("event")
+            for line in log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        assert "semantic guard loaded" in events and "serving" in events, events
+        assert events.index("semantic guard loaded") < events.index("serving"), events
+        assert list((cache / "guard").glob("examples-*.npy"))  # and kept for the next start
+    finally:
+        process.terminate()
+        process.wait(30)

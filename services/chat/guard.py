@@ -8,8 +8,10 @@ textbook phrasings for free; a sentence-embedding classifier
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 import unicodedata
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from services.common.scripts import is_chinese
 
 if TYPE_CHECKING:
     from services.chat.semantic_guard import SemanticCheck
+
+log = logging.getLogger("talker.chat.guard")
 
 # Zero-width and bidi controls are stripped first: they are a classic way to
 # split a trigger phrase so a pattern no longer sees it.
@@ -81,8 +85,8 @@ class Guard:
     def from_settings(cls, settings: ChatSettings) -> Guard:
         """A guard as configured. The semantic check's settings are checked here;
         its model loads and its classifier is fitted in a background thread, beside
-        the chat model's own loading, so neither waits for the other (the first
-        check waits if it is not done yet)."""
+        the chat model's own loading, so neither waits for the other; the program
+        reports SERVING once both are done (`wait_loaded`)."""
         semantic: Future[SemanticCheck] | None = None
         if settings.guard_semantic:
             # Imported here: numpy and the embedding engine load only when the check is on.
@@ -103,17 +107,22 @@ class Guard:
             semantic = Future()
 
             def load() -> None:
+                started = time.perf_counter()
                 try:
-                    semantic.set_result(
-                        SemanticCheck(
-                            model_path,
-                            settings.guard_threshold,
-                            cache_dir=settings.cache_dir,
-                            examples=examples,
-                        )
+                    check = SemanticCheck(
+                        model_path,
+                        settings.guard_threshold,
+                        cache_dir=settings.cache_dir,
+                        examples=examples,
                     )
                 except BaseException as error:  # handed to whoever waits for the check
                     semantic.set_exception(error)
+                    return
+                log.info(
+                    "semantic guard loaded",
+                    extra={"load_s": round(time.perf_counter() - started, 3)},
+                )
+                semantic.set_result(check)
 
             threading.Thread(target=load, name="guard-load", daemon=True).start()
         return cls(
@@ -128,6 +137,10 @@ class Guard:
         if isinstance(self._semantic, Future):
             return self._semantic.result()
         return self._semantic
+
+    def wait_loaded(self) -> None:
+        """Returns once the semantic check (if on) is loaded; raises its load failure."""
+        _ = self.semantic
 
     def refusal_text(self, text: str) -> str:
         return self._refusals[language_of(text)]

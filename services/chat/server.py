@@ -333,6 +333,10 @@ def build_program(settings: ChatSettings) -> GrpcProgram:
         model,
     )
     servicer.queue.on_saturation = program.set_overloaded
+    # SERVING means a message is answered at once. On a first start the guard's
+    # examples are embedded (not yet cached; ~10 s on a 2-core Intel Xeon, on both
+    # cores), and a program that said SERVING before that held its first turn ~9 s.
+    program.after_load = servicer.guard.wait_loaded
     return program
 
 

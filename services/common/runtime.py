@@ -239,6 +239,13 @@ def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
+def _then_lower_priority(after_load: Callable[[], None] | None, niceness: int) -> None:
+    """The program's own step after loading (at full priority too), then the nice value."""
+    if after_load is not None:
+        after_load()
+    lower_cpu_priority(niceness)
+
+
 def lower_cpu_priority(niceness: int, thread_only: bool = False) -> None:
     """Raises the nice value of this process (or only of the calling thread) to
     `niceness`; threads started afterwards inherit it. Linux keeps the value per
@@ -287,5 +294,7 @@ def run_program(
     # engine's own pools too): a restart loads at full priority. Under contention
     # a niced load was the slowest part of a restart: chat at nice 5 took 65 s to
     # load on a host with a load average of 25, and the watchdog restarted it again.
-    program.after_load = functools.partial(lower_cpu_priority, settings.cpu_niceness)
+    program.after_load = functools.partial(
+        _then_lower_priority, program.after_load, settings.cpu_niceness
+    )
     asyncio.run(program.run_until_terminated())
