@@ -96,12 +96,14 @@ def test_piper_timings_from_synthesize_match_its_audio_within_one_frame(tts) -> 
     onset_ms = 10 * int(np.argmax(loud))
     first = next(p for p in phonemes if vz.shape_of_phoneme(p.phoneme) not in (vz.REST, None))
     assert abs(first.start_ms - onset_ms) <= 40, (first.start_ms, onset_ms)
-    # Every stop (b, p) has its closure (15 dB down: a voiced b keeps a hum) within one frame of its start.
+    # Every stop (b, p) has its closure within one frame of its start: 12 dB down, because a
+    # voiced b keeps a hum. Piper's noise varies the take: the b of "Bob" before "made" was
+    # 15-20 dB down in 20 takes and 14.95 in one; with timings 80 ms off, some stops are 2-8 dB.
     stops = [p for p in phonemes if p.phoneme in ("b", "p")]
     assert len(stops) >= 4
     for stop in stops:
         near = levels[max(0, (stop.start_ms - 40) // 10) : (stop.start_ms + 40) // 10 + 1]
-        assert near.min() < levels.max() - 15, (stop.phoneme, stop.start_ms)
+        assert near.min() < levels.max() - 12, (stop.phoneme, stop.start_ms)
 
 
 def estimate(audio: np.ndarray) -> np.ndarray:
