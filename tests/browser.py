@@ -7,8 +7,10 @@ Playwright's own browser downloads are never used: it drives /usr/bin/chromium
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +79,33 @@ def chromium(microphone: Path) -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def kill_chromium(microphone: Path) -> int:
+    """SIGKILLs the chromium started with `microphone` and every process of its group,
+    as a crashed or powered-off machine would leave its page: no goodbye, no closed
+    connection. Returns how many processes the group had."""
+    browsers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        # Chromium's helpers (--type=...) carry the flags too, some as one string.
+        if str(microphone).encode() in cmdline and b"--type=" not in cmdline:
+            browsers.append(int(entry.name))
+    if len(browsers) != 1:
+        raise AssertionError(f"{len(browsers)} chromiums run with the microphone {microphone}")
+    group = os.getpgid(browsers[0])
+    members = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                members += os.getpgid(int(entry.name)) == group
+    # Playwright starts chromium as the leader of a group of its own, helpers included.
+    assert group == browsers[0], "chromium does not lead a process group of its own"
+    os.killpg(group, signal.SIGKILL)
+    return members
 
 
 def open_page(browser: Any, url: str) -> Any:

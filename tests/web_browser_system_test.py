@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tests.browser import (
     chromium,
     events,
     face_changes,
+    kill_chromium,
     open_page,
     say,
     spoken_wav,
@@ -212,21 +214,19 @@ def test_bad_offers_are_refused_with_a_reason(system, avatar) -> None:
     assert status == 400 and '"offer"' in message
 
 
-@pytest.fixture()
-def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A second web program in front of the same gateway, allowed one session of 8 s
-    and uploads of 64 KiB."""
+@contextmanager
+def web_program(system, log_path: Path, **settings: str) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A second web program in front of the same gateway, with these TALKER_WEB_ settings;
+    yields its URL."""
     port = free_port()
     env = {
         **system.env,
         "TALKER_WEB_HTTP_PORT": str(port),
         "TALKER_WEB_PORT": str(free_port()),
         "TALKER_WEB_METRICS_PORT": "0",
-        "TALKER_WEB_MAX_SESSIONS": "1",
-        "TALKER_WEB_MAX_SESSION_S": "8",
-        "TALKER_WEB_MAX_UPLOAD_BYTES": "65536",
+        **{f"TALKER_WEB_{name.upper()}": value for name, value in settings.items()},
     }
-    log = (tmp_path / "web.log").open("wb")
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [str(VENV_BIN / "python"), "-m", "web"], env=env, cwd=REPO, stdout=log, stderr=log
     )
@@ -239,13 +239,22 @@ def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-unt
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp_path / "web.log").read_text()) from None
+                    raise AssertionError(log_path.read_text()) from None
                 time.sleep(0.3)
         yield url
     finally:
         process.terminate()
         process.wait(30)
         log.close()
+
+
+@pytest.fixture()
+def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Allowed one session of 8 s and uploads of 64 KiB."""
+    with web_program(
+        system, tmp_path / "web.log", max_sessions="1", max_session_s="8", max_upload_bytes="65536"
+    ) as url:
+        yield url
 
 
 def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
@@ -290,6 +299,45 @@ def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
     except urllib.error.HTTPError as error:
         status, message = error.code, json.loads(error.read())["error"]["message"]
     assert status == 413 and "TALKER_WEB_MAX_UPLOAD_BYTES" in message, (status, message)
+
+
+def gateway_conversations(system) -> float:  # type: ignore[no-untyped-def]
+    """Converse calls holding a gateway slot now (its /metrics)."""
+    port = system.metrics_ports["gateway"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    name = 'talker_gateway_conversations_active{kind="converse"} '
+    return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_page_that_vanishes_without_a_goodbye_frees_its_place(
+    system, avatar, tmp_path: Path
+) -> None:
+    """A crashed tab or a lost network sends no "bye" and closes nothing; the session
+    ends once the page's microphone audio stops (TALKER_WEB_PAGE_GONE_AFTER_S, 10 s),
+    not at WebRTC's consent check (25-35 s): its gateway slot and its one place are
+    free again, and a new page gets that place."""
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [60.0])
+    log = tmp_path / "web.log"
+    with web_program(system, log, max_sessions="1") as url:
+        with chromium(microphone) as browser:
+            page = open_page(browser, url)
+            start_talking(page, avatar["avatar_id"])
+            wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+            assert gateway_conversations(system) >= 1
+            assert kill_chromium(microphone) >= 2
+            killed = time.monotonic()
+            wait_until_no_sessions(url, 60)
+            print(f"the vanished page's session ended {time.monotonic() - killed:.1f} s after")
+        ended = [json.loads(line) for line in log.read_text().splitlines() if "ending" in line]
+        assert [e["why"] for e in ended] == [
+            "the page sent no microphone audio for 10 s: it is gone"
+        ], ended
+        assert gateway_conversations(system) == 0
+        with chromium(microphone) as browser:
+            page = open_page(browser, url)
+            start_talking(page, avatar["avatar_id"])
+            wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
 
 
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(

@@ -82,6 +82,14 @@ class WebSettings(ServiceSettings):
     max_session_s: float = Field(
         default=600, gt=0, description="Longest a live browser session may last, in seconds."
     )
+    page_gone_after_s: float = Field(
+        default=10,
+        gt=0,
+        description="A live session whose page sends no microphone audio for this long is "
+        "closed, and its place and its gateway conversation freed: the page vanished without "
+        "a goodbye (a crashed tab, a lost network). A live page sends audio all the time; "
+        "WebRTC's own consent check would take 25-35 s.",
+    )
     request_timeout_s: float = Field(
         default=120, gt=0, description="Deadline of one HTTP endpoint's downstream calls."
     )

@@ -436,11 +436,17 @@ class RtcSession:
         from aiortc.mediastreams import MediaStreamError
 
         resampler = MicResampler()
+        # No limit before the first frame: connecting is watched by ICE itself.
+        wait: float | None = None
         while True:
             try:
-                frame = await track.recv()
+                frame = await asyncio.wait_for(track.recv(), wait)
             except MediaStreamError:
                 return
+            except TimeoutError:
+                self._close_soon(f"the page sent no microphone audio for {wait:g} s: it is gone")
+                return
+            wait = self.settings.page_gone_after_s
             pcm = resampler.pcm(frame)
             if pcm:
                 self._queue_mic(pcm)
