@@ -85,8 +85,9 @@ class WebSettings(ServiceSettings):
     page_gone_after_s: float = Field(
         default=10,
         gt=0,
-        description="A live session whose page sends no microphone audio for this long is "
-        "closed, and its place and its gateway conversation freed: the page vanished without "
+        description="A live session whose page sends no microphone audio for this long (from "
+        "the answer to its offer, then from its last audio) is closed, and its place and its "
+        "gateway conversation freed: the page vanished without "
         "a goodbye (a crashed tab, a lost network). A live page sends audio all the time; "
         "WebRTC's own consent check would take 25-35 s.",
     )

@@ -436,8 +436,8 @@ class RtcSession:
         from aiortc.mediastreams import MediaStreamError
 
         resampler = MicResampler()
-        # No limit before the first frame: connecting is watched by ICE itself.
-        wait: float | None = None
+        # The first frame too: a page that vanished while connecting sends none.
+        wait = self.settings.page_gone_after_s
         while True:
             try:
                 frame = await asyncio.wait_for(track.recv(), wait)
@@ -446,7 +446,6 @@ class RtcSession:
             except TimeoutError:
                 self._close_soon(f"the page sent no microphone audio for {wait:g} s: it is gone")
                 return
-            wait = self.settings.page_gone_after_s
             pcm = resampler.pcm(frame)
             if pcm:
                 self._queue_mic(pcm)
