@@ -215,9 +215,11 @@ def test_bad_offers_are_refused_with_a_reason(system, avatar) -> None:
 
 
 @contextmanager
-def web_program(system, log_path: Path, **settings: str) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def web_program(  # type: ignore[no-untyped-def]
+    system, log_path: Path, **settings: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """A second web program in front of the same gateway, with these TALKER_WEB_ settings;
-    yields its URL."""
+    yields its URL and its process."""
     port = free_port()
     env = {
         **system.env,
@@ -241,7 +243,7 @@ def web_program(system, log_path: Path, **settings: str) -> Iterator[str]:  # ty
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(log_path.read_text()) from None
                 time.sleep(0.3)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(30)
@@ -253,7 +255,7 @@ def limited_web(system, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-unt
     """Allowed one session of 8 s and uploads of 64 KiB."""
     with web_program(
         system, tmp_path / "web.log", max_sessions="1", max_session_s="8", max_upload_bytes="65536"
-    ) as url:
+    ) as (url, _):
         yield url
 
 
@@ -319,7 +321,7 @@ def test_a_page_that_vanishes_without_a_goodbye_frees_its_place(
     microphone = tmp_path / "quiet.wav"
     spoken_wav(microphone, [60.0])
     log = tmp_path / "web.log"
-    with web_program(system, log, max_sessions="1") as url:
+    with web_program(system, log, max_sessions="1") as (url, _):
         with chromium(microphone) as browser:
             page = open_page(browser, url)
             start_talking(page, avatar["avatar_id"])
@@ -338,6 +340,54 @@ def test_a_page_that_vanishes_without_a_goodbye_frees_its_place(
             page = open_page(browser, url)
             start_talking(page, avatar["avatar_id"])
             wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+
+
+def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path: Path) -> None:
+    """A page that stops sending audio (here its sender's track is taken away) is ended
+    as gone, without a word to it; the page sees its data channel close and says so."""
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [60.0])
+    log = tmp_path / "web.log"
+    with (
+        web_program(system, log, page_gone_after_s="3") as (url, _),
+        chromium(microphone) as browser,
+    ):
+        page = open_page(browser, url)
+        start_talking(page, avatar["avatar_id"])
+        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        page.evaluate(
+            "() => window.talker.pc.getSenders()"
+            ".find((s) => s.track?.kind === 'audio').replaceTrack(null)"
+        )
+        page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
+        shown = page.inner_text("#state")
+        assert shown == "Error: The server ended the conversation.", shown
+        ended = [json.loads(line) for line in log.read_text().splitlines() if "ending" in line]
+        assert [e["why"] for e in ended] == [
+            "the page sent no microphone audio for 3 s: it is gone"
+        ], ended
+
+
+def test_a_stopping_web_program_tells_its_page_it_is_restarting(
+    system, avatar, tmp_path: Path
+) -> None:
+    """SIGTERM (supervisord's stop, the watchdog's graceful restart) ends each live
+    session with a sentence on its page, not a page left waiting for WebRTC's consent
+    check to fail."""
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [60.0])
+    with (
+        web_program(system, tmp_path / "web.log") as (url, process),
+        chromium(microphone) as browser,
+    ):
+        page = open_page(browser, url)
+        start_talking(page, avatar["avatar_id"])
+        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        process.terminate()
+        page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
+        shown = page.inner_text("#state")
+        assert "The server is restarting. Press Talk to start again" in shown, shown
+        assert process.wait(30) == 0
 
 
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(

@@ -578,6 +578,21 @@ class RtcSession:
             log.info("webrtc session ending", extra={**self.extra, "why": why})
             self.closing = asyncio.ensure_future(self.close())
 
+    async def close_for_restart(self) -> None:
+        """The program is stopping: tells the page so (else it would wait, silent, for
+        WebRTC's consent check to fail) and closes."""
+        if self.closed:
+            return
+        self.send(
+            "error",
+            message="The server is restarting. Press Talk to start again in a few seconds.",
+            fatal=True,
+        )
+        self._set_state("error")
+        await asyncio.sleep(0.5)  # the page gets the message before the connection goes
+        log.info("webrtc session ending", extra={**self.extra, "why": "the program is stopping"})
+        await self.close()
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -615,7 +630,7 @@ def setup(
 
     async def close_sessions(app: web.Application) -> None:
         await asyncio.gather(
-            *(session.close() for session in list(app[SESSIONS].values())),
+            *(session.close_for_restart() for session in list(app[SESSIONS].values())),
             return_exceptions=True,
         )
 

@@ -245,6 +245,12 @@ async function start() {
   const channel = pc.createDataChannel("events");
   talker.channel = channel;
   channel.onmessage = onEvent;
+  channel.onclose = () => {
+    // The server closed it without a word (the page's own stop() forgets the channel first).
+    if (talker.channel !== channel) return;
+    if (talker.state !== "error") setState("error", "The server ended the conversation.");
+    stop(false);
+  };
   pc.addTransceiver(micStream.getAudioTracks()[0], { direction: "sendrecv" });
   pc.addTransceiver("video", { direction: "recvonly" });
   const video = $("avatar");
