@@ -220,7 +220,7 @@ def web_program(  # type: ignore[no-untyped-def]
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A second web program in front of the same gateway, with these TALKER_WEB_ settings;
     yields its URL and its process."""
-    port = free_port()
+    port = int(settings.pop("http_port", free_port()))
     env = {
         **system.env,
         "TALKER_WEB_HTTP_PORT": str(port),
@@ -368,14 +368,14 @@ def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path:
         ], ended
 
 
-def test_a_stopping_web_program_tells_its_page_it_is_restarting(
+def test_a_restarted_web_program_tells_its_page_which_starts_again_by_itself(
     system, avatar, tmp_path: Path
 ) -> None:
     """SIGTERM (supervisord's stop, the watchdog's graceful restart) ends each live
     session with a sentence on its page, not a page left waiting for WebRTC's consent
-    check to fail."""
+    check to fail; once the program is back on its port, the page talks again."""
     microphone = tmp_path / "quiet.wav"
-    spoken_wav(microphone, [60.0])
+    spoken_wav(microphone, [120.0])
     with (
         web_program(system, tmp_path / "web.log") as (url, process),
         chromium(microphone) as browser,
@@ -383,11 +383,20 @@ def test_a_stopping_web_program_tells_its_page_it_is_restarting(
         page = open_page(browser, url)
         start_talking(page, avatar["avatar_id"])
         wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        first = page.evaluate("() => window.talker.traceId")
         process.terminate()
         page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
         shown = page.inner_text("#state")
-        assert "The server is restarting. Press Talk to start again" in shown, shown
+        assert shown == "Error: The server is restarting; the page will reconnect in a few seconds."
         assert process.wait(30) == 0
+        # As supervisord would: the program again, on the same port, a few seconds later.
+        time.sleep(3)
+        port = url.rsplit(":", 1)[1]
+        with web_program(system, tmp_path / "web-again.log", http_port=port):
+            page.wait_for_function("() => window.talker.state === 'listening'", timeout=60_000)
+            again = page.evaluate("() => window.talker.traceId")
+            assert again and again != first
+            page.screenshot(path=str(tmp_path / "reconnected.png"))
 
 
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(

@@ -17,7 +17,8 @@ Data channel messages, server to page (one JSON object each, `type` first):
     audio {turn}  (the first sample of the turn's reply left for the page)
     finished {turn, user_text, reply_text, timings}   interrupted {turn}
     barge_in {turn}  (the page's speech cut the reply being played)
-    error {message, stage?, fatal}
+    error {message, stage?, fatal, retry_after_ms?}  (retry_after_ms: the page starts
+    again by itself after that long, as when the program restarts)
 Page to server: {"type": "text", "text": ...} (a typed turn), {"type": "bye"}.
 """
 
@@ -68,6 +69,9 @@ RTC_REFUSED = Counter(
 #: Microphone chunks waiting for the gateway; beyond it (the gateway far behind real
 #: time) new audio is dropped rather than held in memory.
 MIC_BACKLOG_CHUNKS = 500
+#: When a page told of a restart starts again by itself: supervisord has the web
+#: program SERVING again 1.4-2.1 s after a kill (`python -m bench chaos`).
+RESTART_RETRY_MS = 2000
 LANGUAGES = ("", "auto", "en", "zh")
 STAGES = {
     talker_pb2.PIPELINE_STAGE_ASR: "speech recognition",
@@ -585,8 +589,9 @@ class RtcSession:
             return
         self.send(
             "error",
-            message="The server is restarting. Press Talk to start again in a few seconds.",
+            message="The server is restarting; the page will reconnect in a few seconds.",
             fatal=True,
+            retry_after_ms=RESTART_RETRY_MS,
         )
         self._set_state("error")
         await asyncio.sleep(0.5)  # the page gets the message before the connection goes

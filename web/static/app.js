@@ -29,6 +29,8 @@ const talker = {
   heard: [],
   lastMicLoudAt: null,
   traceId: "",
+  /** The timer of a Talk pressed again by itself after a restart, if one is due. */
+  reconnecting: null,
 };
 window.talker = talker;
 
@@ -208,6 +210,7 @@ function onEvent(message) {
       if (event.fatal) {
         setState("error", event.message);
         stop(false);
+        if (event.retry_after_ms) reconnectAfter(event.retry_after_ms);
       } else {
         note(event.stage ? `${event.stage}: ${event.message}` : event.message, true);
       }
@@ -310,8 +313,26 @@ function stop(resetState = true) {
   if (resetState) setState("idle");
 }
 
+/** The server is restarting: press Talk for the person, every 2 s for a minute, until
+ * an offer is answered again. */
+function reconnectAfter(ms, until = performance.now() + 60_000) {
+  $("placeholder").textContent = "Reconnecting…";
+  talker.reconnecting = setTimeout(async () => {
+    talker.reconnecting = null;
+    try {
+      await start();
+    } catch (error) {
+      stop(false);
+      if (performance.now() < until) reconnectAfter(2000, until);
+      else setState("error", error.message);
+    }
+  }, ms);
+}
+
 $("controls").addEventListener("submit", (event) => {
   event.preventDefault();
+  clearTimeout(talker.reconnecting);
+  talker.reconnecting = null;
   if (talker.pc) stop();
   else start().catch((error) => { setState("error", error.message); stop(false); });
 });
