@@ -399,6 +399,37 @@ def test_a_restarted_web_program_tells_its_page_which_starts_again_by_itself(
             page.screenshot(path=str(tmp_path / "reconnected.png"))
 
 
+def test_a_page_comes_back_by_itself_after_its_web_program_is_killed(
+    system, avatar, tmp_path: Path
+) -> None:
+    """kill -9 (the watchdog's answer to a hung program) tells the page nothing: it
+    finds out when its connection fails, says so, and talks again once the program
+    is back."""
+    microphone = tmp_path / "quiet.wav"
+    spoken_wav(microphone, [180.0])
+    with (
+        web_program(system, tmp_path / "web.log") as (url, process),
+        chromium(microphone) as browser,
+    ):
+        page = open_page(browser, url)
+        start_talking(page, avatar["avatar_id"])
+        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        first = page.evaluate("() => window.talker.traceId")
+        process.kill()
+        process.wait(30)
+        killed = time.monotonic()
+        page.wait_for_function("() => window.talker.state === 'error'", timeout=120_000)
+        print(f"the page saw its connection fail {time.monotonic() - killed:.1f} s after the kill")
+        shown = page.inner_text("#state")
+        assert shown == "Error: The connection to the server was lost.", shown
+        port = url.rsplit(":", 1)[1]
+        with web_program(system, tmp_path / "web-again.log", http_port=port):
+            page.wait_for_function("() => window.talker.state === 'listening'", timeout=60_000)
+            print(f"and was listening again {time.monotonic() - killed:.1f} s after it")
+            again = page.evaluate("() => window.talker.traceId")
+            assert again and again != first
+
+
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(
     system, avatar, tmp_path: Path
 ) -> None:

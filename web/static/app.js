@@ -29,8 +29,10 @@ const talker = {
   heard: [],
   lastMicLoudAt: null,
   traceId: "",
-  /** The timer of a Talk pressed again by itself after a restart, if one is due. */
+  /** The timer of a Talk pressed again by itself after a restart, if one is due, and
+   * when it stops trying (performance.now() ms). */
   reconnecting: null,
+  reconnectUntil: null,
 };
 window.talker = talker;
 
@@ -180,6 +182,7 @@ function onEvent(message) {
   talker.events.push(event);
   switch (event.type) {
     case "started":
+      talker.reconnectUntil = null;
       talker.traceId = event.trace_id;
       $("trace").textContent = `trace id ${event.trace_id}`;
       break;
@@ -268,6 +271,7 @@ async function start() {
     if (pc.connectionState === "failed") {
       setState("error", "The connection to the server was lost.");
       stop(false);
+      reconnectAfter(2000);
     }
   };
   await pc.setLocalDescription(await pc.createOffer());
@@ -313,9 +317,11 @@ function stop(resetState = true) {
   if (resetState) setState("idle");
 }
 
-/** The server is restarting: press Talk for the person, every 2 s for a minute, until
- * an offer is answered again. */
-function reconnectAfter(ms, until = performance.now() + 60_000) {
+/** The server restarted or the connection failed: press Talk for the person, every
+ * 2 s, until a conversation starts again or a minute has gone by. */
+function reconnectAfter(ms) {
+  talker.reconnectUntil ??= performance.now() + 60_000;
+  if (performance.now() > talker.reconnectUntil) return; // the error stays on the page
   $("placeholder").textContent = "Reconnecting…";
   talker.reconnecting = setTimeout(async () => {
     talker.reconnecting = null;
@@ -323,8 +329,8 @@ function reconnectAfter(ms, until = performance.now() + 60_000) {
       await start();
     } catch (error) {
       stop(false);
-      if (performance.now() < until) reconnectAfter(2000, until);
-      else setState("error", error.message);
+      setState("error", `The server is not reachable: ${error.message}`);
+      reconnectAfter(2000);
     }
   }, ms);
 }
@@ -332,7 +338,7 @@ function reconnectAfter(ms, until = performance.now() + 60_000) {
 $("controls").addEventListener("submit", (event) => {
   event.preventDefault();
   clearTimeout(talker.reconnecting);
-  talker.reconnecting = null;
+  talker.reconnecting = talker.reconnectUntil = null;
   if (talker.pc) stop();
   else start().catch((error) => { setState("error", error.message); stop(false); });
 });
