@@ -9,6 +9,7 @@ the real supervisord."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 import urllib.error
@@ -368,43 +369,20 @@ def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path:
         ], ended
 
 
-def test_a_restarted_web_program_tells_its_page_which_starts_again_by_itself(
-    system, avatar, tmp_path: Path
+@pytest.mark.parametrize(
+    ("stop", "shown_then"),
+    [
+        # supervisord's stop, the watchdog's graceful restart: the page is told at once.
+        ("SIGTERM", "Error: The server is restarting; the page will reconnect in a few seconds."),
+        # The watchdog's answer to a hung program: the page finds out when its connection fails.
+        ("SIGKILL", "Error: The connection to the server was lost."),
+    ],
+)
+def test_a_page_talks_again_by_itself_once_its_web_program_is_back(
+    stop: str, shown_then: str, system, avatar, tmp_path: Path
 ) -> None:
-    """SIGTERM (supervisord's stop, the watchdog's graceful restart) ends each live
-    session with a sentence on its page, not a page left waiting for WebRTC's consent
-    check to fail; once the program is back on its port, the page talks again."""
-    microphone = tmp_path / "quiet.wav"
-    spoken_wav(microphone, [120.0])
-    with (
-        web_program(system, tmp_path / "web.log") as (url, process),
-        chromium(microphone) as browser,
-    ):
-        page = open_page(browser, url)
-        start_talking(page, avatar["avatar_id"])
-        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
-        first = page.evaluate("() => window.talker.traceId")
-        process.terminate()
-        page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
-        shown = page.inner_text("#state")
-        assert shown == "Error: The server is restarting; the page will reconnect in a few seconds."
-        assert process.wait(30) == 0
-        # As supervisord would: the program again, on the same port, a few seconds later.
-        time.sleep(3)
-        port = url.rsplit(":", 1)[1]
-        with web_program(system, tmp_path / "web-again.log", http_port=port):
-            page.wait_for_function("() => window.talker.state === 'listening'", timeout=60_000)
-            again = page.evaluate("() => window.talker.traceId")
-            assert again and again != first
-            page.screenshot(path=str(tmp_path / "reconnected.png"))
-
-
-def test_a_page_comes_back_by_itself_after_its_web_program_is_killed(
-    system, avatar, tmp_path: Path
-) -> None:
-    """kill -9 (the watchdog's answer to a hung program) tells the page nothing: it
-    finds out when its connection fails, says so, and talks again once the program
-    is back."""
+    """A stopped or killed web program leaves its page with a sentence, not a page
+    waiting in silence; once the program is back on its port, the page talks again."""
     microphone = tmp_path / "quiet.wav"
     spoken_wav(microphone, [180.0])
     with (
@@ -415,19 +393,20 @@ def test_a_page_comes_back_by_itself_after_its_web_program_is_killed(
         start_talking(page, avatar["avatar_id"])
         wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
         first = page.evaluate("() => window.talker.traceId")
-        process.kill()
-        process.wait(30)
-        killed = time.monotonic()
+        process.send_signal(getattr(signal, stop))
+        assert process.wait(30) == (0 if stop == "SIGTERM" else -signal.SIGKILL)
+        stopped = time.monotonic()
         page.wait_for_function("() => window.talker.state === 'error'", timeout=120_000)
-        print(f"the page saw its connection fail {time.monotonic() - killed:.1f} s after the kill")
-        shown = page.inner_text("#state")
-        assert shown == "Error: The connection to the server was lost.", shown
+        print(f"{stop}: the page said so {time.monotonic() - stopped:.1f} s later")
+        assert page.inner_text("#state") == shown_then
+        # As supervisord would: the program again, on the same port.
         port = url.rsplit(":", 1)[1]
         with web_program(system, tmp_path / "web-again.log", http_port=port):
             page.wait_for_function("() => window.talker.state === 'listening'", timeout=60_000)
-            print(f"and was listening again {time.monotonic() - killed:.1f} s after it")
+            print(f"{stop}: and was listening again {time.monotonic() - stopped:.1f} s later")
             again = page.evaluate("() => window.talker.traceId")
             assert again and again != first
+            page.screenshot(path=str(tmp_path / "reconnected.png"))
 
 
 def test_a_conversation_the_gateway_refuses_shows_its_sentence_on_the_page(
