@@ -595,8 +595,9 @@ class RtcSession:
         )
         self._set_state("error")
         await asyncio.sleep(0.5)  # the page gets the message before the connection goes
-        log.info("webrtc session ending", extra={**self.extra, "why": "the program is stopping"})
-        await self.close()
+        self._close_soon("the program is stopping")
+        if self.closing is not None:
+            await self.closing
 
     async def close(self) -> None:
         if self.closed:

@@ -18,6 +18,8 @@ const STATE_TEXT = {
 const LOUD_RMS = 0.01;
 // A reply heard after this much quiet counts as a new reply (for `heard`).
 const QUIET_MS = 300;
+/** How often a page whose server restarted or whose connection failed tries again. */
+const RECONNECT_EVERY_MS = 2000;
 
 const talker = {
   pc: null,
@@ -271,7 +273,7 @@ async function start() {
     if (pc.connectionState === "failed") {
       setState("error", "The connection to the server was lost.");
       stop(false);
-      reconnectAfter(2000);
+      reconnectAfter(RECONNECT_EVERY_MS);
     }
   };
   await pc.setLocalDescription(await pc.createOffer());
@@ -318,7 +320,7 @@ function stop(resetState = true) {
 }
 
 /** The server restarted or the connection failed: press Talk for the person, every
- * 2 s, until a conversation starts again or a minute has gone by. */
+ * RECONNECT_EVERY_MS, until a conversation starts again or a minute has gone by. */
 function reconnectAfter(ms) {
   talker.reconnectUntil ??= performance.now() + 60_000;
   if (performance.now() > talker.reconnectUntil) return; // the error stays on the page
@@ -330,7 +332,7 @@ function reconnectAfter(ms) {
     } catch (error) {
       stop(false);
       setState("error", `The server is not reachable: ${error.message}`);
-      reconnectAfter(2000);
+      reconnectAfter(RECONNECT_EVERY_MS);
     }
   }, ms);
 }
