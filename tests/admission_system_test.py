@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -16,7 +15,7 @@ import pytest
 from services.common.errors import RETRY_AFTER_KEY
 from talker.v1 import chat_pb2, talker_pb2, talker_pb2_grpc
 from tests.device import Received, Session, call, converse, pause, speech, wait_for
-from tests.processes import VENV_BIN, free_port
+from tests.processes import VENV_BIN, free_port, metric
 from tests.speech import piper_speech, silence
 
 CAPACITY = 2
@@ -116,14 +115,6 @@ def refusal(stub: talker_pb2_grpc.TalkerServiceStub) -> grpc.RpcError:
     finally:
         hold.set()
     return caught.value  # type: ignore[return-value]
-
-
-def metric(metrics_port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-    for line in text.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_the_call_past_capacity_is_refused_while_the_others_go_on(small_gateway) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ Playwright's own browser downloads are never used: it drives /usr/bin/chromium
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import shutil
 import signal
@@ -86,9 +85,13 @@ def kill_chromium(microphone: Path) -> int:
     as a crashed or powered-off machine would leave its page: no goodbye, no closed
     connection. Returns how many processes the group had."""
     browsers = []
+    groups: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            cmdline = (entry / "cmdline").read_bytes()
+            groups[int(entry.name)] = os.getpgid(int(entry.name))
         except OSError:
             continue
         # Chromium's helpers (--type=...) carry the flags too, some as one string.
@@ -96,16 +99,11 @@ def kill_chromium(microphone: Path) -> int:
             browsers.append(int(entry.name))
     if len(browsers) != 1:
         raise AssertionError(f"{len(browsers)} chromiums run with the microphone {microphone}")
-    group = os.getpgid(browsers[0])
-    members = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                members += os.getpgid(int(entry.name)) == group
     # Playwright starts chromium as the leader of a group of its own, helpers included.
-    assert group == browsers[0], "chromium does not lead a process group of its own"
+    [group] = browsers
+    assert groups[group] == group, "chromium does not lead a process group of its own"
     os.killpg(group, signal.SIGKILL)
-    return members
+    return sum(1 for member in groups.values() if member == group)
 
 
 def open_page(browser: Any, url: str) -> Any:

@@ -10,9 +10,12 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from operations.programs import PROGRAMS
 from services.common.health_probe import probe
@@ -200,3 +203,15 @@ class InProcessServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.program.port}"
+
+
+def metric(metrics_port: int, name: str, **labels: str) -> float:
+    """The value of the first sample called `name` whose labels include `labels` on the
+    /metrics of the program at `metrics_port`."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")

@@ -39,7 +39,7 @@ from tests.browser import (
     wait_for_event,
 )
 from tests.portrait import create_astronaut
-from tests.processes import REPO, VENV_BIN, free_port
+from tests.processes import REPO, VENV_BIN, free_port, metric
 from tests.speech import normalise, piper_speech
 
 # Long enough that an interim falls due with language auto (1.5 s of speech to
@@ -306,10 +306,23 @@ def test_sessions_over_the_limits_are_refused_and_ended_with_a_reason(
 
 def gateway_conversations(system) -> float:  # type: ignore[no-untyped-def]
     """Converse calls holding a gateway slot now (its /metrics)."""
-    port = system.metrics_ports["gateway"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    name = 'talker_gateway_conversations_active{kind="converse"} '
-    return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+    return metric(
+        system.metrics_ports["gateway"], "talker_gateway_conversations_active", kind="converse"
+    )
+
+
+def session_endings(log: Path) -> list[str]:
+    """Why each browser session ended, in the order they did, from a web program's log."""
+    lines = log.read_text().splitlines()
+    return [json.loads(line)["why"] for line in lines if '"webrtc session ending"' in line]
+
+
+def listening_page(browser, url: str, avatar_id: str):  # type: ignore[no-untyped-def]
+    """A page of the web program at `url` in a live conversation with the avatar."""
+    page = open_page(browser, url)
+    start_talking(page, avatar_id)
+    wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+    return page
 
 
 def test_a_page_that_vanishes_without_a_goodbye_frees_its_place(
@@ -324,23 +337,17 @@ def test_a_page_that_vanishes_without_a_goodbye_frees_its_place(
     log = tmp_path / "web.log"
     with web_program(system, log, max_sessions="1") as (url, _):
         with chromium(microphone) as browser:
-            page = open_page(browser, url)
-            start_talking(page, avatar["avatar_id"])
-            wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+            listening_page(browser, url, avatar["avatar_id"])
             assert gateway_conversations(system) >= 1
             assert kill_chromium(microphone) >= 2
             killed = time.monotonic()
             wait_until_no_sessions(url, 60)
             print(f"the vanished page's session ended {time.monotonic() - killed:.1f} s after")
-        ended = [json.loads(line) for line in log.read_text().splitlines() if "ending" in line]
-        assert [e["why"] for e in ended] == [
-            "the page sent no microphone audio for 10 s: it is gone"
-        ], ended
+        ended = session_endings(log)
+        assert ended == ["the page sent no microphone audio for 10 s: it is gone"], ended
         assert gateway_conversations(system) == 0
         with chromium(microphone) as browser:
-            page = open_page(browser, url)
-            start_talking(page, avatar["avatar_id"])
-            wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+            listening_page(browser, url, avatar["avatar_id"])
 
 
 def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path: Path) -> None:
@@ -353,9 +360,7 @@ def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path:
         web_program(system, log, page_gone_after_s="3") as (url, _),
         chromium(microphone) as browser,
     ):
-        page = open_page(browser, url)
-        start_talking(page, avatar["avatar_id"])
-        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        page = listening_page(browser, url, avatar["avatar_id"])
         page.evaluate(
             "() => window.talker.pc.getSenders()"
             ".find((s) => s.track?.kind === 'audio').replaceTrack(null)"
@@ -363,10 +368,8 @@ def test_a_page_whose_audio_stops_is_ended_and_says_so(system, avatar, tmp_path:
         page.wait_for_function("() => window.talker.state === 'error'", timeout=60_000)
         shown = page.inner_text("#state")
         assert shown == "Error: The server ended the conversation.", shown
-        ended = [json.loads(line) for line in log.read_text().splitlines() if "ending" in line]
-        assert [e["why"] for e in ended] == [
-            "the page sent no microphone audio for 3 s: it is gone"
-        ], ended
+        ended = session_endings(log)
+        assert ended == ["the page sent no microphone audio for 3 s: it is gone"], ended
 
 
 @pytest.mark.parametrize(
@@ -389,9 +392,7 @@ def test_a_page_talks_again_by_itself_once_its_web_program_is_back(
         web_program(system, tmp_path / "web.log") as (url, process),
         chromium(microphone) as browser,
     ):
-        page = open_page(browser, url)
-        start_talking(page, avatar["avatar_id"])
-        wait_for_event(page, "e.type === 'state' && e.state === 'listening'", 60)
+        page = listening_page(browser, url, avatar["avatar_id"])
         first = page.evaluate("() => window.talker.traceId")
         process.send_signal(getattr(signal, stop))
         assert process.wait(30) == (0 if stop == "SIGTERM" else -signal.SIGKILL)
